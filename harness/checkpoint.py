@@ -1,0 +1,83 @@
+"""Checkpoint files: atomic writes with a checksum, newest-valid lookup, safe loading.
+
+`checkpoints/step_0001000.pt` is written to a temporary name and renamed; its SHA-256 then goes into
+`step_0001000.pt.sha256` the same way. A checkpoint counts as valid only when both exist and agree, so a crash
+at any moment leaves the previous checkpoint as the newest valid one. Files are read with
+`torch.load(weights_only=True)`: a checkpoint that smuggles a pickled object is refused, never executed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from harness.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:07d}.pt"
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` as the checkpoint of `step`, then prune all but the newest `keep` valid ones."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path = checkpoint_path(folder, step)
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
+    _prune(Path(folder), keep)
+    return path
+
+
+def _all_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+def is_valid(path: Path) -> bool:
+    digest_file = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest_file.is_file():
+        return False
+    return digest_file.read_text().strip() == sha256_file(path)
+
+
+def newest_valid_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint whose checksum holds; corrupt newer ones are reported and passed over."""
+    for step, path in reversed(_all_checkpoints(Path(folder))):
+        if is_valid(path):
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt (checksum mismatch); using an older one", path)
+    return None
+
+
+def _prune(folder: Path, keep: int) -> None:
+    valid = [p for _, p in _all_checkpoints(folder) if is_valid(p)]
+    for path in valid[:-keep] if keep > 0 else []:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or broken files
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise HarnessError(f"refusing to load {path}: it contains pickled Python objects that could run "
+                               "code; only tensors and plain containers are accepted") from err
+        raise HarnessError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err

@@ -1,0 +1,111 @@
+"""Gin parsing: search paths, recipe + overrides -> one self-contained gin text, and friendly errors.
+
+The launcher parses a recipe once and ships the flattened text (`gin.config_str()`, no includes left) to every
+worker, which re-parses it with `parse_gin_text`. Gin bindings themselves never cross a process boundary.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
+import re
+from pathlib import Path
+
+import gin
+
+from harness.errors import HarnessError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIN_DIR = REPO_ROOT / "gin"
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+# Modules whose import registers the configurables a recipe may name. Imported before any parse, so that
+# a worker process knows every name the launcher knew.
+CONFIGURABLE_MODULES = (
+    "harness.masks",
+    "harness.models.uvit",
+    "harness.diffusion",
+    "harness.sampling",
+    "harness.data",
+    "harness.evaluate",
+    "harness.experiment",
+    "harness.launch",
+)
+
+
+def register_configurables() -> None:
+    for name in CONFIGURABLE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a module that exists but fails to import is a real bug
+                raise
+
+
+def _add_search_paths(extra: list[Path]) -> None:
+    for path in [GIN_DIR, RECIPES_DIR, *extra]:
+        if path.is_dir():
+            gin.add_config_file_search_path(str(path))
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe given as a path, or by name under recipes/ (with or without `.gin`)."""
+    candidates = [Path(recipe), RECIPES_DIR / recipe, RECIPES_DIR / f"{recipe}.gin"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    shipped = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.gin")))
+    raise HarnessError(f"recipe '{recipe}' not found (shipped recipes: {shipped})")
+
+
+def _explain_gin_error(err: Exception, source: str) -> HarnessError:
+    """Turn gin's exceptions into one line that names the file and line (gin puts them on later lines)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    message = " ".join(lines[:2]) if lines else type(err).__name__
+    if isinstance(err, SyntaxError) and getattr(err, "filename", None) and str(err.filename) not in message:
+        message = f"{err.filename}:{err.lineno}: {message}"
+    hint = ""
+    if "No configurable matching" in message:
+        hint = " Check the spelling of the component's name."
+    elif "doesn't have a parameter" in message:
+        hint = " Check the parameter name against the component's signature."
+    return HarnessError(f"bad gin config ({source}): {message}.{hint}")
+
+
+def explain_missing_macro(err: TypeError) -> HarnessError | None:
+    """gin reports an undefined `%MACRO` only when it is used, as a TypeError about `macro`; reword it."""
+    found = re.search(r"configurable 'macro' .* in scope '([^']+)'", str(err))
+    if not found:
+        return None
+    name = found.group(1)
+    return HarnessError(f"the recipe uses macro %{name} but never defines it: set it in the recipe or pass "
+                        f"--gin '{name} = <value>'")
+
+
+def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
+    """Parse a recipe plus `--gin` overrides; return the flattened gin text every worker re-parses."""
+    path = resolve_recipe(recipe)
+    register_configurables()
+    gin.clear_config()
+    _add_search_paths([path.resolve().parent])
+    try:
+        gin.parse_config_files_and_bindings([str(path)], bindings or [], finalize_config=False)
+    except (ValueError, KeyError, TypeError, OSError, SyntaxError) as err:
+        source = str(path) if not bindings else f"{path} + --gin overrides"
+        raise _explain_gin_error(err, source) from err
+    text = gin.config_str()
+    return text
+
+
+def parse_gin_text(text: str) -> None:
+    """Re-parse a flattened gin text (from `load_recipe`) in this process, replacing any previous config."""
+    register_configurables()
+    gin.clear_config()
+    try:
+        gin.parse_config(text)
+    except Exception as err:  # gin raises several types; the text came from us, so say so
+        raise _explain_gin_error(err, "the gin text shipped to this worker") from err
+
+
+def operative_config() -> str:
+    """The bindings actually used so far in this process (written as config.gin in each run folder)."""
+    return gin.operative_config_str()

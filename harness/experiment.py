@@ -1,0 +1,230 @@
+"""What a recipe declares (Experiment -> arms -> Stages) and the plan made from it.
+
+A `Stage` is a gin-configurable dataclass holding plain values and component *specs* (mask, model, data,
+diffusion, eval), never live modules, so a plan is cheap to build and every stage describes itself as plain
+data. A stage's id hashes that description together with its parent's id: change anything upstream and every
+stage below gets a new id (and a new run folder); declare the same stage in two arms and it runs once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gin
+
+from harness.errors import HarnessError
+
+DONE_MARKER = "DONE"
+FAILED_MARKER = "FAILED"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@=+,-]*$")
+
+
+def check_name(name: str, what: str) -> str:
+    """Names become folder names: refuse anything that could escape the results directory."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise HarnessError(f"{what} name {name!r} is not allowed: use letters, digits and _ . - = + , @ "
+                           f"(no '/', no '..', not starting with a dot)")
+    return name
+
+
+@gin.configurable
+@dataclass
+class Stage:
+    """One training stage: masked pretraining, fine-tuning or training from scratch.
+
+    Defaults follow the MaskDM reference (AdamW betas (0.99, 0.99), weight decay 0.03, clip 1.0).
+    Components left as None are built from gin's unscoped/scoped bindings of their class, so
+    `pretrain/BlockMask.ratio = 0.9` or `UViTConfig.embed_dim = 512` reach the stage without naming it.
+    """
+
+    name: str = ""  # defaults to the gin scope (`pretrain/Stage` -> 'pretrain')
+    steps: int = 1000
+    batch_size: int = 64  # global batch: split across ranks, then into micro-batches
+    micro_batch_size: int | None = None  # gradient accumulation when a device cannot hold the batch
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.99, 0.99)
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + step) / (10 + step))
+    mask: Any = None  # a mask spec from harness.masks; None = NoMask()
+    model: Any = None  # harness.models.uvit.UViTConfig
+    data: Any = None  # harness.data.DataConfig
+    diffusion: Any = None  # harness.diffusion.DiffusionConfig
+    eval: Any = None  # harness.evaluate.EvalConfig, or None for no FID
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    init_from: str = "raw"  # which weights of the parent stage to start from: raw | ema (MaskDM: raw)
+    init_checkpoint: str | None = None  # start from an external checkpoint (e.g. converted MaskDM weights)
+    nan_policy: str = "stop"  # stop | skip (skip the batch and go on)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    sample_every: int = 0  # 0: a sample grid at the end only
+    num_sample_images: int = 16
+    sample_steps: int = 50  # DDIM steps for the sample grids (FID uses eval's sampler)
+
+    def __post_init__(self) -> None:
+        # Imported here: these modules import torch, which a plan does not otherwise need.
+        from harness.data import DataConfig
+        from harness.diffusion import DiffusionConfig
+        from harness.masks import NoMask
+        from harness.models.uvit import UViTConfig
+
+        if not self.name:
+            self.name = gin.current_scope_str().split("/")[-1] or "train"
+        check_name(self.name, "stage")
+        self.mask = self.mask if self.mask is not None else NoMask()
+        self.model = self.model if self.model is not None else UViTConfig()
+        self.data = self.data if self.data is not None else DataConfig()
+        self.diffusion = self.diffusion if self.diffusion is not None else DiffusionConfig()
+        self.betas = tuple(self.betas)
+        for key, allowed in (("precision", ("auto", "fp32", "bf16", "fp16")), ("init_from", ("raw", "ema")),
+                             ("nan_policy", ("stop", "skip"))):
+            if getattr(self, key) not in allowed:
+                raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")
+        for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if int(getattr(self, key)) < 1:
+                raise HarnessError(f"stage '{self.name}': {key} must be at least 1, got {getattr(self, key)}")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise HarnessError(f"stage '{self.name}': micro_batch_size {self.micro_batch_size} must divide "
+                               f"batch_size {self.batch_size}")
+        self.mask.validate(self.model.grid)
+
+    def describe(self) -> dict[str, Any]:
+        """The stage as plain data: what its id hashes and what stage.json records."""
+        return _plain(self)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {"type": type(obj).__name__}
+        out.update({f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return out
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise HarnessError(f"cannot describe {obj!r} in a stage: components must be gin-configurable dataclasses")
+
+
+@gin.configurable
+@dataclass
+class Experiment:
+    """A named comparison: arms, each a list of stages trained one after another (each from its parent)."""
+
+    name: str = gin.REQUIRED
+    arms: dict[str, list[Stage]] = gin.REQUIRED
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "experiment")
+        if not isinstance(self.arms, dict) or not self.arms:
+            raise HarnessError(f"experiment '{self.name}' declares no arms: set Experiment.arms = "
+                               "{'scratch': [@finetune/Stage()], 'two_stage': [@pretrain/Stage(), ...]}")
+        for arm, stages in self.arms.items():
+            check_name(arm, "arm")
+            if not isinstance(stages, (list, tuple)) or not stages:
+                raise HarnessError(f"arm '{arm}' of experiment '{self.name}' has no stages")
+            for stage in stages:
+                if not isinstance(stage, Stage):
+                    raise HarnessError(f"arm '{arm}' lists {stage!r}; arms hold stages, e.g. @pretrain/Stage()")
+
+
+@dataclass
+class PlannedStage:
+    """A stage placed in the plan: its id, parent, arms sharing it and its folder."""
+
+    id: str
+    name: str
+    parent: str | None
+    arms: list[str]
+    dir: str  # relative to <results_dir>/<experiment>
+    depth: int  # 0 for a stage without parent
+    spec: Stage = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "id": self.id, "name": self.name, "parent": self.parent, "arms": self.arms, "dir": self.dir,
+            "depth": self.depth, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "seed": s.seed,
+            "mask": s.mask.name, "mask_ratio": s.mask.actual_ratio(s.model.grid),
+            "model": _plain(s.model), "data": _plain(s.data),
+        }
+
+
+@dataclass
+class Plan:
+    experiment: str
+    stages: dict[str, PlannedStage]  # parents before children
+    arms: dict[str, list[str]]
+
+    def stage_dir(self, results_dir: str | Path, stage_id: str) -> Path:
+        return Path(results_dir) / self.experiment / self.stages[stage_id].dir
+
+    def is_done(self, results_dir: str | Path, stage_id: str) -> bool:
+        return (self.stage_dir(results_dir, stage_id) / DONE_MARKER).is_file()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "arms": self.arms,
+                "stages": {sid: ps.summary() for sid, ps in self.stages.items()}}
+
+    def write(self, results_dir: str | Path) -> Path:
+        from harness.fileio import atomic_write_text
+
+        path = Path(results_dir) / self.experiment / "plan.json"
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def stage_id(description: dict[str, Any], parent: str | None) -> str:
+    blob = json.dumps({"parent": parent, "stage": description}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_plan(experiment: Experiment) -> Plan:
+    stages: dict[str, PlannedStage] = {}
+    arms: dict[str, list[str]] = {}
+    for arm, arm_stages in experiment.arms.items():
+        parent = None
+        ids = []
+        for depth, spec in enumerate(arm_stages):
+            sid = stage_id(spec.describe(), parent)
+            if sid in stages:
+                stages[sid].arms.append(arm)
+            else:
+                stages[sid] = PlannedStage(id=sid, name=spec.name, parent=parent, arms=[arm],
+                                           dir=f"{arm}/{spec.name}-{sid[:8]}", depth=depth, spec=spec)
+            ids.append(sid)
+            parent = sid
+        arms[arm] = ids
+    ordered = dict(sorted(stages.items(), key=lambda item: item[1].depth))  # stable: parents first
+    return Plan(experiment=experiment.name, stages=ordered, arms=arms)
+
+
+def plan_from_gin(gin_text: str | None = None) -> Plan:
+    """Build the plan from gin (re-parsing `gin_text` first when given, as a worker does)."""
+    from harness.config import explain_missing_macro, parse_gin_text
+
+    if gin_text is not None:
+        parse_gin_text(gin_text)
+    try:
+        experiment = Experiment()
+    except TypeError as err:
+        friendly = explain_missing_macro(err)
+        if friendly is not None:
+            raise friendly from err
+        if "REQUIRED" in str(err) or "Required bindings" in str(err) or "missing" in str(err):
+            raise HarnessError(f"the recipe does not set everything an Experiment needs: {str(err).splitlines()[0]}"
+                               " (a recipe must set Experiment.name and Experiment.arms)") from err
+        raise
+    return build_plan(experiment)

@@ -1,0 +1,98 @@
+"""Small, crash-safe file helpers shared by the run-folder writers.
+
+Every file that a later run trusts is written to a temporary name in the same folder and renamed into place,
+so a crash leaves either the old file or the new one, never half of one. JSON-lines files are appended a line
+at a time and read back skipping a torn last line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness.errors import HarnessError
+
+
+def _writable_error(path: Path, err: OSError) -> HarnessError:
+    return HarnessError(f"cannot write {path}: {err.strerror or err} (is the results folder writable and is "
+                        "there disk space left? pass --results-dir to write elsewhere)")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise _writable_error(path, err) from err
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one JSON object as one line (a single write, so concurrent appenders do not interleave)."""
+    path = Path(path)
+    line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _writable_error(path, err) from err
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a JSON-lines file; a torn or corrupt line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def rewrite_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in rows)
+    atomic_write_text(path, text)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
