@@ -1,0 +1,175 @@
+"""Gaussian diffusion (DDPM, Ho et al. 2020) with the masked denoising score matching loss of MaskDM.
+
+Discrete time steps t = 0 .. T-1; `alphas_cumprod[t]` is the signal fraction of x_t = sqrt(a) x0 + sqrt(1-a) eps.
+Schedules are computed in float64 (cumulative products of 1000 factors lose digits in float32) and stored as
+float32 buffers on the chosen device, so nothing in the training step runs in float64.
+
+The loss: the model is asked for its prediction (eps, x0 or v) on the *visible* patches only; the target is
+patchified the same way and the same visible indices are gathered, so masked patches neither cost compute nor
+enter the loss. Errors are averaged over the visible elements of each image, then over the batch; every image
+of a batch has the same number of visible patches, so that is one mean. With no mask it is the ordinary DDPM
+loss over the whole image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+from harness.models.uvit import gather_patches, patchify, visible_indices
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")
+LOSSES = ("mse", "l1")
+
+
+def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
+    """Ho et al.'s linear schedule, defined for T=1000 and rescaled to other T (as in improved DDPM)."""
+    scale = 1000 / timesteps
+    return torch.linspace(scale * start, scale * end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule: alpha-bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Which noise schedule, how many steps, what the model predicts and how errors are scored."""
+
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    prediction: str = "eps"
+    loss: str = "mse"
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (
+            ("schedule", self.schedule, SCHEDULES),
+            ("prediction", self.prediction, PREDICTIONS),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in allowed:
+                raise HarnessError(f"DiffusionConfig.{field}={value!r} is not one of {list(allowed)}")
+        if not isinstance(self.timesteps, int) or self.timesteps < 2:
+            raise HarnessError(f"DiffusionConfig.timesteps must be an integer >= 2, got {self.timesteps!r}")
+
+    def build(self, device=None) -> "GaussianDiffusion":
+        return GaussianDiffusion(self, device=device)
+
+
+def _per_image(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[t] shaped [B, 1, 1, ...] to broadcast over an ndim-dimensional batch."""
+    return values[t].view(-1, *([1] * (ndim - 1)))
+
+
+class GaussianDiffusion:
+    """Schedule buffers, the forward process, the training loss and the conversions the samplers need."""
+
+    def __init__(self, cfg: DiffusionConfig, device=None) -> None:
+        self.cfg = cfg
+        self.timesteps = cfg.timesteps
+        betas = linear_betas(cfg.timesteps) if cfg.schedule == "linear" else cosine_betas(cfg.timesteps)
+        abar = torch.cumprod(1 - betas, dim=0)
+        self.betas = betas.to(device=device, dtype=torch.float32)
+        self.alphas_cumprod = abar.to(device=device, dtype=torch.float32)
+        self.sqrt_abar = abar.sqrt().to(device=device, dtype=torch.float32)
+        self.sqrt_one_minus_abar = (1 - abar).sqrt().to(device=device, dtype=torch.float32)
+
+    def to(self, device) -> "GaussianDiffusion":
+        return GaussianDiffusion(self.cfg, device=device)
+
+    # -- forward process -----------------------------------------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        return _per_image(self.sqrt_abar, t, x0.ndim) * x0 + _per_image(self.sqrt_one_minus_abar, t, x0.ndim) * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to output at (x0, t, noise)."""
+        if self.cfg.prediction == "eps":
+            return noise
+        if self.cfg.prediction == "x0":
+            return x0
+        # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+        return _per_image(self.sqrt_abar, t, x0.ndim) * noise - _per_image(self.sqrt_one_minus_abar, t, x0.ndim) * x0
+
+    def predict_eps_x0(
+        self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) implied by the model's output at x_t (whole images)."""
+        a = _per_image(self.sqrt_abar, t, x_t.ndim)
+        s = _per_image(self.sqrt_one_minus_abar, t, x_t.ndim)
+        if self.cfg.prediction == "eps":
+            eps = model_out
+            x0 = (x_t - s * eps) / a
+        elif self.cfg.prediction == "x0":
+            x0 = model_out
+            eps = (x_t - a * x0) / s
+        else:
+            x0 = a * x_t - s * model_out
+            eps = s * x_t + a * model_out
+        return eps, x0
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return (x_t - _per_image(self.sqrt_abar, t, x_t.ndim) * x0) / _per_image(self.sqrt_one_minus_abar, t, x_t.ndim)
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def training_loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Masked denoising score matching loss (scalar) of one batch x0 [B, C, H, W] in [-1, 1].
+
+        t ~ U{0..T-1} and the noise are drawn from `generator` (on its device, then moved to x0's device).
+        mask: bool [B, N], True = masked, or None for the ordinary DDPM loss.
+        """
+        b = x0.shape[0]
+        draw_on = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.timesteps, (b,), generator=generator, device=draw_on).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
+        return self.loss_at(model, x0, t, noise, mask=mask, y=y)
+
+    def loss_at(
+        self,
+        model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss at given time steps and noise (what `training_loss` computes after drawing them)."""
+        x_t = self.q_sample(x0, t, noise)
+        target = self.target(x0, t, noise)
+        if mask is None:
+            pred = model(x_t, t, y=y)
+        else:
+            if mask.dtype != torch.bool or mask.shape[0] != x0.shape[0]:
+                raise HarnessError("the mask must be a bool tensor [batch, num_patches] (True = masked)")
+            idx = visible_indices(mask)  # once per step, shared by the model's gather and the target's
+            pred = model(x_t, t, y=y, mask=idx)
+            # the patch size follows from the prediction's width (works through DDP / compile wrappers)
+            p = math.isqrt(pred.shape[-1] // x0.shape[1])
+            target = gather_patches(patchify(target, p), idx)
+        if pred.shape != target.shape:
+            raise HarnessError(
+                f"the model's prediction {tuple(pred.shape)} does not match the target {tuple(target.shape)}; "
+                "check that the model's img_size / in_chans match the data"
+            )
+        # Every image has the same number of visible elements, so the mean over all of them equals the mean
+        # over each image's visible elements followed by the mean over the batch.
+        score = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
+        return score(pred.float(), target.float())

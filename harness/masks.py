@@ -1,0 +1,217 @@
+"""Masks on the patch grid for masked diffusion pretraining (MaskDM, Lei et al. 2023).
+
+A mask is drawn per image over the `grid x grid` patches of the backbone, flattened row-major to `[batch, N]`
+with `N = grid**2`; True means *masked* (the patch is dropped before the transformer and not scored by the loss).
+Every row of one batch masks the same number of patches, so the model can gather the visible tokens into a
+rectangular tensor.
+
+The strategies of the paper:
+
+- `PatchMask(ratio)`: `floor(ratio * N)` random patches.
+- `BlockMask(ratio, block_size)`: whole `b x b` squares of patches, aligned to the `b`-grid;
+  `floor(ratio * N) // b**2` of them, so the actual ratio rounds down (block 4 at 90% on 16x16 masks 87.5%).
+- `CropMask(crop_size)`: one random `c x c` square of patches stays visible, the rest is masked.
+- `NoMask()`: nothing is masked; `sample` returns None and the model runs on the whole image.
+
+Each is a gin-configurable dataclass "spec": its fields are its parameters (`dataclasses.asdict`), it is cheap to
+build and it draws masks with `sample`. Sampling is vectorised: choosing k of n items is an argsort of uniform
+noise per row, never a Python loop over patches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import torch
+
+from harness.errors import HarnessError
+
+# A ratio like 0.29 is 0.28999999999999998 in binary; without this slack floor(0.29 * 100) would give 28.
+_FLOOR_SLACK = 1e-9
+
+
+def _floor_count(ratio: float, n: int) -> int:
+    return int(math.floor(ratio * n + _FLOOR_SLACK))
+
+
+def _check_grid(grid: int) -> None:
+    if not isinstance(grid, int) or grid < 1:
+        raise HarnessError(f"the patch grid must be a positive integer, got {grid!r}")
+
+
+def _check_ratio(kind: str, ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise HarnessError(
+            f"{kind}.ratio must be in [0, 1) (the fraction of patches to mask), got {ratio!r}; "
+            "use NoMask() for no masking"
+        )
+
+
+def _choose(batch: int, n: int, k: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """A bool [batch, n] tensor with exactly k True per row, uniformly at random."""
+    noise = torch.rand(batch, n, generator=generator, device=device)
+    chosen = noise.argsort(dim=1)[:, :k]
+    out = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    return out.scatter_(1, chosen, True)
+
+
+def _draw_device(generator: torch.Generator | None, device):
+    """Random numbers are drawn where the generator lives (a CPU generator cannot fill a CUDA tensor)."""
+    return generator.device if generator is not None else device
+
+
+class Mask:
+    """Common interface; subclasses are dataclasses whose fields are the mask's parameters."""
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def validate(self, grid: int) -> None:
+        """Raise HarnessError if the parameters do not fit a `grid x grid` patch grid."""
+        _check_grid(grid)
+
+    def num_masked(self, grid: int) -> int:
+        raise NotImplementedError
+
+    def actual_ratio(self, grid: int) -> float:
+        """The fraction of patches really masked (after rounding to whole blocks / the crop)."""
+        return self.num_masked(grid) / grid**2
+
+    def num_visible(self, grid: int) -> int:
+        return grid**2 - self.num_masked(grid)
+
+    def sample(
+        self, batch: int, grid: int, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor | None:
+        """A bool [batch, grid*grid] mask, True = masked, `num_masked(grid)` True in every row."""
+        raise NotImplementedError
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class NoMask(Mask):
+    """No masking: the model sees (and the loss scores) every patch."""
+
+    @property
+    def name(self) -> str:
+        return "none"
+
+    def num_masked(self, grid: int) -> int:
+        self.validate(grid)
+        return 0
+
+    def sample(self, batch, grid, generator=None, device=None) -> None:
+        self.validate(grid)
+        return None
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PatchMask(Mask):
+    """Mask `floor(ratio * N)` patches chosen uniformly at random (MAE-style)."""
+
+    ratio: float = 0.5
+
+    @property
+    def name(self) -> str:
+        return "patch"
+
+    def validate(self, grid: int) -> None:
+        _check_grid(grid)
+        _check_ratio("PatchMask", self.ratio)
+
+    def num_masked(self, grid: int) -> int:
+        self.validate(grid)
+        return _floor_count(self.ratio, grid**2)
+
+    def sample(self, batch, grid, generator=None, device=None) -> torch.Tensor:
+        k = self.num_masked(grid)
+        mask = _choose(batch, grid**2, k, generator, _draw_device(generator, device))
+        return mask.to(device) if device is not None else mask
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BlockMask(Mask):
+    """Mask whole `block_size x block_size` squares of patches, aligned to the block grid."""
+
+    ratio: float = 0.5
+    block_size: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"block{self.block_size}"
+
+    def validate(self, grid: int) -> None:
+        _check_grid(grid)
+        _check_ratio("BlockMask", self.ratio)
+        b = self.block_size
+        if not isinstance(b, int) or b < 1 or grid % b != 0:
+            divisors = [d for d in range(1, grid + 1) if grid % d == 0]
+            raise HarnessError(
+                f"BlockMask.block_size={b!r} does not divide the {grid}x{grid} patch grid; "
+                f"choose one of {divisors}"
+            )
+
+    def num_blocks(self, grid: int) -> int:
+        self.validate(grid)
+        return _floor_count(self.ratio, grid**2) // self.block_size**2
+
+    def num_masked(self, grid: int) -> int:
+        return self.num_blocks(grid) * self.block_size**2
+
+    def sample(self, batch, grid, generator=None, device=None) -> torch.Tensor:
+        b = self.block_size
+        side = grid // b  # blocks per side
+        blocks = _choose(batch, side * side, self.num_blocks(grid), generator, _draw_device(generator, device))
+        # [batch, side, side] -> every block covers b x b patches of the [grid, grid] patch grid
+        mask = blocks.view(batch, side, 1, side, 1).expand(batch, side, b, side, b).reshape(batch, grid * grid)
+        return mask.to(device) if device is not None else mask
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CropMask(Mask):
+    """Keep one random `crop_size x crop_size` square of patches visible; mask everything else."""
+
+    crop_size: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"crop{self.crop_size}"
+
+    def validate(self, grid: int) -> None:
+        _check_grid(grid)
+        c = self.crop_size
+        if not isinstance(c, int) or not 1 <= c <= grid:
+            raise HarnessError(
+                f"CropMask.crop_size={c!r} does not fit the {grid}x{grid} patch grid; use 1..{grid} "
+                "(the side of the visible square, in patches)"
+            )
+
+    def num_masked(self, grid: int) -> int:
+        self.validate(grid)
+        return grid**2 - self.crop_size**2
+
+    def sample(self, batch, grid, generator=None, device=None) -> torch.Tensor:
+        self.validate(grid)
+        c = self.crop_size
+        draw_on = _draw_device(generator, device)
+        corner = torch.randint(0, grid - c + 1, (batch, 2), generator=generator, device=draw_on)
+        pos = torch.arange(grid, device=draw_on)
+        inside = (pos >= corner[:, :, None]) & (pos < corner[:, :, None] + c)  # [batch, (row, col), grid]
+        visible = inside[:, 0, :, None] & inside[:, 1, None, :]  # [batch, grid, grid]
+        mask = ~visible.reshape(batch, grid * grid)
+        return mask.to(device) if device is not None else mask
+
+
+def describe(mask: Mask, grid: int) -> dict:
+    """Plain-data description for run folders and cost records: name, parameters and the actual ratio."""
+    return {
+        "name": mask.name,
+        "params": dataclasses.asdict(mask),
+        "num_masked": mask.num_masked(grid),
+        "actual_ratio": mask.actual_ratio(grid),
+    }

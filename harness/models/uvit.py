@@ -1,0 +1,295 @@
+"""MaskedUViT: the pixel-space U-ViT backbone of MaskDM, with token dropping.
+
+U-ViT (Bao et al. 2023) treats everything as tokens: the time step (and the class) is a token beside the image
+patches, and long skips join the i-th in-block to the mirrored out-block. MaskDM (Lei et al. 2023) pretrains it
+on masked images: the masked patches are *dropped* after the positional embedding is added, so the transformer
+runs on `[time, (class), visible patches]` only and its cost falls with the mask ratio. The same code path serves
+the unmasked model: "no mask" simply means every patch is visible and the gather is skipped.
+
+Parameter names follow the reference layout (patch_embed, pos_embed, time_embed, in_blocks, mid_block,
+out_blocks[i].skip_linear, norm, decoder_pred; per block norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) so
+that checkpoints of the reference code can be mapped onto it by name.
+
+Not included: U-ViT's optional final 3x3 conv (MaskDM's configs keep it off, and it cannot run on dropped
+patches) and the optional small ViT decoder of the reference code (MaskDM's U-ViT configs use a linear head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import HarnessError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch helpers (token order: row-major over the patch grid; per token (p1, p2, C), as in the reference code)
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C]."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int) -> torch.Tensor:
+    """[B, N, p*p*C] -> [B, C, H, W] for a square grid of N patches."""
+    b, n, _ = tokens.shape
+    g = math.isqrt(n)
+    x = tokens.reshape(b, g, g, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+
+def visible_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the visible (False) patches of a bool mask [B, N], ascending per row: LongTensor [B, N_visible].
+
+    Every row must hide the same number of patches (masks.py guarantees it), so the result is rectangular.
+    """
+    counts = mask.sum(dim=1)
+    if mask.shape[0] and bool((counts != counts[0]).any()):
+        raise HarnessError("every image of a batch must mask the same number of patches; draw masks with harness.masks")
+    # nonzero() lists positions in row-major order, so each row's indices come out sorted.
+    return (~mask).nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+
+def gather_patches(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """tokens [B, N, D], idx [B, K] -> [B, K, D] (one gather, no Python loop)."""
+    return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) time steps [B]: cos half then sin half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The spec
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class UViTConfig:
+    """Size and options of a MaskedUViT; cheap to build and hash, `.build()` makes the module."""
+
+    img_size: int = 64
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 512
+    depth: int = 13
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    num_classes: int = 0
+    time_mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.img_size < 1 or self.patch_size < 1 or self.img_size % self.patch_size:
+            raise HarnessError(
+                f"UViTConfig.patch_size={self.patch_size} must divide img_size={self.img_size}"
+            )
+        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
+            raise HarnessError(
+                f"UViTConfig.num_heads={self.num_heads} must divide embed_dim={self.embed_dim}"
+            )
+        if self.depth < 1:
+            raise HarnessError(f"UViTConfig.depth must be at least 1, got {self.depth}")
+        if self.num_classes < 0:
+            raise HarnessError(f"UViTConfig.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def extras(self) -> int:
+        """Tokens besides the patches: the time token, and the class token when conditional."""
+        return 2 if self.num_classes > 0 else 1
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the sizes alone (equals the built module's count)."""
+        d, h, blocks = self.embed_dim, self.mlp_hidden, 2 * (self.depth // 2) + 1
+        block = 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + 2 * d * h + h + d
+        skips = (self.depth // 2) * (2 * d * d + d)
+        embeds = self.patch_dim * d + d + (self.extras + self.num_patches) * d
+        time = 2 * (d * 4 * d) + 4 * d + d if self.time_mlp else 0
+        classes = (self.num_classes + 1) * d if self.num_classes > 0 else 0
+        head = 2 * d + d * self.patch_dim + self.patch_dim
+        return blocks * block + skips + embeds + time + classes + head
+
+    def build(self) -> "MaskedUViT":
+        return MaskedUViT(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one fused qkv projection, then PyTorch's fused SDPA kernel."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        # [B, L, 3, H, Dh] -> three [B, H, L, Dh] views (no copies; SDPA accepts strided inputs)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; out-blocks first merge the long skip (concatenate, Linear 2d -> d)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool, skip: bool = False) -> None:
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+class MaskedUViT(nn.Module):
+    """U-ViT that runs on the visible patches only when given a mask.
+
+    forward(x [B,C,H,W], t [B], y=None, mask=None):
+      - mask None: the prediction for the whole image, [B, C, H, W];
+      - mask bool [B, N] (True = masked), or the LongTensor [B, N_visible] of visible indices that
+        `visible_indices(mask)` returns (lets the loss compute them once): predictions for the visible patches
+        in ascending patch order, [B, N_visible, p*p*C].
+    y: class labels [B] for a conditional model (num_classes > 0); None uses the learned unconditional embedding.
+    """
+
+    def __init__(self, cfg: UViTConfig) -> None:
+        super().__init__()
+        from timm.layers import PatchEmbed  # imported here: timm takes seconds to import, recipes parse without it
+
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.in_chans = cfg.in_chans
+        self.extras = cfg.extras
+        self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=d)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d)) if cfg.time_mlp else nn.Identity()
+        )
+        if cfg.num_classes > 0:
+            self.label_emb = nn.Embedding(cfg.num_classes, d)
+            self.uncond_embed = nn.Parameter(torch.zeros(1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.extras + cfg.num_patches, d))
+
+        block = lambda skip: Block(d, cfg.num_heads, cfg.mlp_hidden, cfg.qkv_bias, skip=skip)  # noqa: E731
+        self.in_blocks = nn.ModuleList([block(False) for _ in range(cfg.depth // 2)])
+        self.mid_block = block(False)
+        self.out_blocks = nn.ModuleList([block(True) for _ in range(cfg.depth // 2)])
+        self.norm = nn.LayerNorm(d)
+        self.decoder_pred = nn.Linear(d, cfg.patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As U-ViT: truncated normal (std 0.02) for linear weights and learned embeddings, zero biases, LN 1/0.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.num_classes > 0:
+            nn.init.trunc_normal_(self.uncond_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW should not decay (learned embeddings)."""
+        return {"pos_embed", "uncond_embed"}
+
+    def tokens_entering_blocks(self, mask: torch.Tensor | None = None) -> int:
+        """Tokens per image that the transformer blocks process: visible patches + time (+ class) token."""
+        if mask is None:
+            visible = self.cfg.num_patches
+        elif mask.dtype == torch.bool:
+            visible = self.cfg.num_patches - int(mask[0].sum())
+        else:
+            visible = mask.shape[1]
+        return visible + self.extras
+
+    def _condition_tokens(self, t: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """[B, extras, D]: (class,) time tokens with their positional embedding."""
+        tokens = self.time_embed(timestep_embedding(t, self.cfg.embed_dim)).unsqueeze(1)
+        if self.cfg.num_classes > 0:
+            label = self.uncond_embed.expand(batch, -1) if y is None else self.label_emb(y)
+            # the reference puts the class token first: [class, time, patches...]
+            tokens = torch.cat([label.unsqueeze(1), tokens], dim=1)
+        return tokens + self.pos_embed[:, : self.extras]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch = x.shape[0]
+        patches = self.patch_embed(x) + self.pos_embed[:, self.extras :]
+        if mask is not None:
+            idx = visible_indices(mask) if mask.dtype == torch.bool else mask
+            patches = gather_patches(patches, idx)  # the masked tokens are gone from here on
+        h = torch.cat([self._condition_tokens(t, y, batch).to(patches.dtype), patches], dim=1)
+
+        skips = []
+        for blk in self.in_blocks:
+            h = blk(h)
+            skips.append(h)
+        h = self.mid_block(h)
+        for blk in self.out_blocks:
+            h = blk(h, skips.pop())
+
+        out = self.decoder_pred(self.norm(h[:, self.extras :]))
+        if mask is not None:
+            return out
+        return unpatchify(out, self.patch_size, self.in_chans)
