@@ -1,0 +1,263 @@
+"""What a training stage cost: FLOPs, images and tokens seen, wall time, device-hours, peak memory, throughput.
+
+The paper's claim is about cost ("equal FID for less training"), so every stage records its cost in the same
+units whatever it ran on. Two choices worth knowing:
+
+- FLOPs are *measured* once per stage with `torch.utils.flop_counter.FlopCounterMode` on one real training step
+  (forward + backward of `diffusion.training_loss`), then multiplied by the number of steps. Masking changes
+  the number of tokens per step but not from step to step (every mask row drops the same number of patches),
+  so one measurement holds for the whole stage. The optimizer update (elementwise) is not counted.
+- Device-hours are `train_seconds x device_count / 3600`. On GPUs `device_count` is the number of GPUs (the
+  DDP world size); they are GPU-hours. On CPU it is `torch.get_num_threads()`, the cores the step used; they
+  are core-hours. Evaluation time is kept apart (`eval_seconds`, `eval_device_hours`) and is not training cost.
+
+The training loop drives a `CostMeter`:
+
+    meter = CostMeter.for_device(device, flops_per_step=measure_step_flops(model, diffusion, x0, mask),
+                                 tokens_per_image=model.tokens_entering_blocks(mask), mask=..., mask_ratio=...)
+    with meter.training():              # wrap a stretch of steps, not each step (it synchronises CUDA on exit)
+        for ...: train_step(); meter.step(batch_size)
+        with meter.evaluating(): ...    # pauses the training clock
+    eval_row.update(meter.snapshot()); meter.write(run_dir / "cost.json")
+
+and stores `meter.state_dict()` in its checkpoints so a resumed stage keeps counting where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.fileio import atomic_write_text
+
+# eval.jsonl carries these stage-local cost keys at each evaluation (docs/internals.md, "Run folder files").
+SNAPSHOT_KEYS = ("images_seen", "tokens_seen", "train_flops", "train_seconds", "device_hours")
+
+
+def measure_step_flops(model: torch.nn.Module, diffusion, x0: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """FLOPs of one training step on the batch `x0`: forward and backward of `diffusion.training_loss`.
+
+    The model's `.grad` buffers and the global random state are left untouched (gradients are taken with
+    `torch.autograd.grad`, timesteps and noise come from a private generator), so this can run right before
+    training without changing it. FLOPs scale exactly with the batch size: measuring on a slice of the batch and
+    multiplying is fine when a full batch would not fit twice in memory.
+
+    `FlopCounterMode` knows the CUDA attention kernels (flash, memory-efficient, cuDNN) but not the fused CPU
+    one, which it would count as zero; off CUDA the step is therefore measured with the math attention backend,
+    whose matrix products are counted (same FLOPs, different kernel).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator(device=x0.device).manual_seed(0)
+    attention = contextlib.nullcontext()
+    if x0.device.type != "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attention = sdpa_kernel(SDPBackend.MATH)
+    counter = FlopCounterMode(display=False)
+    with attention, counter:
+        loss = diffusion.training_loss(model, x0, mask, generator=generator)
+        if params:
+            torch.autograd.grad(loss, params, allow_unused=True)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where a stage trained: `kind` is 'cuda' or 'cpu'; `count` multiplies wall time into device-hours."""
+
+    kind: str
+    name: str
+    count: int
+
+    @property
+    def hours_unit(self) -> str:
+        return "GPU-hours" if self.kind == "cuda" else "core-hours"
+
+
+def describe_device(device: torch.device | str, count: int | None = None) -> DeviceInfo:
+    """DeviceInfo for `device`; `count` defaults to 1 GPU, or the number of torch threads on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return DeviceInfo("cuda", torch.cuda.get_device_name(device), count or 1)
+    name = platform.processor() or platform.machine() or "cpu"
+    return DeviceInfo(device.type, name, count or torch.get_num_threads())
+
+
+def _peak_memory_bytes(device: DeviceInfo) -> int:
+    if device.kind == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class CostMeter:
+    """Accumulates one stage's cost: steps, images, tokens, FLOPs, train/eval seconds, peak memory."""
+
+    def __init__(
+        self,
+        device: DeviceInfo,
+        flops_per_step: int = 0,
+        tokens_per_image: int = 0,
+        mask: str = "none",
+        mask_ratio: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.device = device
+        self._clock = clock  # injectable so tests can drive time
+        self.flops_per_step = int(flops_per_step)
+        self.tokens_per_image = int(tokens_per_image)
+        self.mask = mask
+        self.mask_ratio = float(mask_ratio)
+        self.steps = 0
+        self.images_seen = 0
+        self.tokens_seen = 0
+        self.train_flops = 0
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        # seconds x device count, summed as time passes: a stage resumed on other hardware stays exact
+        self.train_device_seconds = 0.0
+        self.eval_device_seconds = 0.0
+        self.peak_memory_bytes = 0
+        self._train_started: float | None = None  # clock() while the training clock runs
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, device_count: int | None = None, **kwargs) -> "CostMeter":
+        return cls(describe_device(device, device_count), **kwargs)
+
+    # -- counting ---------------------------------------------------------------------------------------------
+    def step(self, batch_size: int, steps: int = 1, tokens_per_image: int | None = None) -> None:
+        """Count `steps` optimizer steps of `batch_size` images each (the global batch, over all devices)."""
+        tokens = self.tokens_per_image if tokens_per_image is None else int(tokens_per_image)
+        self.steps += steps
+        self.images_seen += steps * batch_size
+        self.tokens_seen += steps * batch_size * tokens
+        self.train_flops += steps * self.flops_per_step
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator["CostMeter"]:
+        """Time the enclosed block as training (nesting `evaluating()` inside pauses it)."""
+        if self._train_started is not None:
+            raise RuntimeError("CostMeter.training() is already running; do not nest it")
+        self._sync()
+        self._train_started = self._clock()
+        try:
+            yield self
+        finally:
+            self._sync()
+            self._add_train(self._clock() - self._train_started)
+            self._train_started = None
+            self.update_peak_memory()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator["CostMeter"]:
+        """Time the enclosed block as evaluation; the training clock, if running, stops meanwhile."""
+        self._sync()
+        paused = self._train_started is not None
+        now = self._clock()
+        if paused:
+            self._add_train(now - self._train_started)
+        try:
+            yield self
+        finally:
+            self._sync()
+            end = self._clock()
+            self.eval_seconds += end - now
+            self.eval_device_seconds += (end - now) * self.device.count
+            if paused:
+                self._train_started = end
+            self.update_peak_memory()
+
+    def update_peak_memory(self) -> None:
+        self.peak_memory_bytes = max(self.peak_memory_bytes, _peak_memory_bytes(self.device))
+
+    def _sync(self) -> None:
+        # CUDA kernels run asynchronously: without a sync the clock would stop before the work is done.
+        if self.device.kind == "cuda" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _add_train(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.train_device_seconds += seconds * self.device.count
+
+    def _train_seconds_now(self) -> tuple[float, float]:
+        """(train seconds, train device-seconds) including the clock that is running now."""
+        running = 0.0 if self._train_started is None else self._clock() - self._train_started
+        return self.train_seconds + running, self.train_device_seconds + running * self.device.count
+
+    # -- reporting --------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The stage-local cost so far, to merge into an eval.jsonl row."""
+        seconds, device_seconds = self._train_seconds_now()
+        return {
+            "images_seen": self.images_seen,
+            "tokens_seen": self.tokens_seen,
+            "train_flops": self.train_flops,
+            "train_seconds": seconds,
+            "device_hours": device_seconds / 3600.0,
+        }
+
+    def to_json(self) -> dict:
+        """The content of cost.json (keys of docs/internals.md, plus device_kind and device_hours_unit)."""
+        self.update_peak_memory()
+        seconds, device_seconds = self._train_seconds_now()
+        return {
+            "device": self.device.name,
+            "device_kind": self.device.kind,
+            "device_count": self.device.count,
+            "device_hours_unit": self.device.hours_unit,
+            "train_seconds": seconds,
+            "eval_seconds": self.eval_seconds,
+            "device_hours": device_seconds / 3600.0,
+            "eval_device_hours": self.eval_device_seconds / 3600.0,
+            "steps": self.steps,
+            "images_seen": self.images_seen,
+            "tokens_seen": self.tokens_seen,
+            "flops_per_step": self.flops_per_step,
+            "train_flops": self.train_flops,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "images_per_second": self.images_seen / seconds if seconds > 0 else 0.0,
+            "tokens_per_second": self.tokens_seen / seconds if seconds > 0 else 0.0,
+            "mask": self.mask,
+            "mask_ratio": self.mask_ratio,
+        }
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write cost.json atomically (temp file + rename), so a reader never sees half a file."""
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+    # -- resume -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        seconds, device_seconds = self._train_seconds_now()
+        return {
+            "device": asdict(self.device),
+            "steps": self.steps,
+            "images_seen": self.images_seen,
+            "tokens_seen": self.tokens_seen,
+            "train_flops": self.train_flops,
+            "train_seconds": seconds,
+            "train_device_seconds": device_seconds,
+            "eval_seconds": self.eval_seconds,
+            "eval_device_seconds": self.eval_device_seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue counting from a checkpoint. The device stays the current one: a stage resumed on other
+        hardware keeps its earlier device-hours, and later seconds count with the current device count."""
+        for key in ("steps", "images_seen", "tokens_seen", "train_flops", "peak_memory_bytes"):
+            setattr(self, key, int(state[key]))
+        for key in ("train_seconds", "train_device_seconds", "eval_seconds", "eval_device_seconds"):
+            setattr(self, key, float(state[key]))
+        if self._train_started is not None:
+            self._train_started = self._clock()
+
