@@ -1,0 +1,316 @@
+"""Datasets: image folders, prepared datasets, deterministic subsets and the embedded procedural datasets.
+
+`DataConfig` is the gin-configurable spec (plain data, cheap); `DataConfig.build()` makes an `ImageDataset`,
+a torch Dataset of float32 [C, H, W] images in [-1, 1]. Trainers should call `get_batch(indices, generator)`,
+which gathers a whole batch at once and applies the random horizontal flip from the given torch generator, so
+training is reproducible; `__getitem__` never flips (evaluation and FID references see the images as they are).
+
+Sources:
+- `shapes`, `faces`: procedural images generated in memory from `seed` (see harness/embedded.py).
+- `folder`: png/jpg/jpeg/webp files under `root` (recursive, sorted by relative path), or a dataset written by
+  `harness prepare` (recognised by its `dataset.json`; the `npy` format is read through a memory map).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from harness import embedded
+from harness.errors import HarnessError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PREPARED_INDEX = "dataset.json"  # written last by harness/prepare.py: its presence means "complete"
+PREPARE_PROGRESS = ".prepare-progress.json"  # present while a `harness prepare` run is unfinished
+SOURCES = ("folder", *embedded.SOURCES)
+
+
+@gin.configurable
+@dataclasses.dataclass
+class DataConfig:
+    """What images to train and evaluate on. `seed` only drives the embedded generators."""
+
+    source: str = "shapes"
+    root: str | None = None
+    resolution: int = 32
+    center_crop: bool = True  # folder: resize the shorter side to `resolution`, then crop the centre square
+    hflip: bool = True  # random horizontal flips in get_batch (training only)
+    subset: int | None = None  # keep this many images, chosen reproducibly by subset_seed
+    subset_seed: int = 0
+    num_images: int = 4096  # embedded sources: how many images to generate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise HarnessError(f"DataConfig.source={self.source!r} is not known; use one of {SOURCES}")
+        if self.source == "folder" and not self.root:
+            raise HarnessError("DataConfig.source='folder' needs DataConfig.root (the folder of images)")
+        if self.resolution < 8:
+            raise HarnessError(f"DataConfig.resolution={self.resolution} is too small; use 8 pixels or more")
+        if self.subset is not None and self.subset < 1:
+            raise HarnessError(f"DataConfig.subset={self.subset} must be a positive number of images (or None)")
+        if self.source != "folder" and self.num_images < 1:
+            raise HarnessError(f"DataConfig.num_images={self.num_images} must be positive")
+
+    # -- description ---------------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser()
+
+    def check(self) -> None:
+        """Fail before anything trains when the data is not there (cheap: no image is decoded)."""
+        if self.source == "folder":
+            _locate(self.root_path)
+
+    def content_id(self) -> str:
+        """A short stable hash of what `build()` would return, used to cache FID reference statistics."""
+        settings = {"resolution": self.resolution, "subset": self.subset, "subset_seed": self.subset_seed}
+        if self.source != "folder":
+            payload = {**settings, "source": self.source, "num_images": self.num_images, "seed": self.seed,
+                       "generator_version": embedded.GENERATOR_VERSION}
+        else:
+            kind, root, names = _locate(self.root_path)
+            settings["center_crop"] = self.center_crop
+            if kind == "npy":  # one big file: its index's content hash plus its size and mtime
+                stat = (root / "images.npy").stat()
+                files = [(PREPARED_INDEX, _read_index(root).get("content_hash")), (stat.st_size, stat.st_mtime_ns)]
+            else:
+                files = []
+                for name in names:
+                    stat = (root / name).stat()
+                    files.append((name, stat.st_size, stat.st_mtime_ns))
+            payload = {**settings, "files": files}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- building ------------------------------------------------------------------------------------------
+    def build(self) -> "ImageDataset":
+        if self.source != "folder":
+            images = embedded.generate(self.source, self.num_images, self.resolution, self.seed)
+            names = [f"{self.source}/{i:06d}" for i in range(len(images))]
+            keep = self._subset(len(names))
+            return ArrayImages(self, images, [names[i] for i in keep], keep)
+        kind, root, names = _locate(self.root_path)
+        keep = self._subset(len(names))
+        names = [names[i] for i in keep]
+        if kind == "npy":
+            index = _read_index(root)
+            if index["resolution"] != self.resolution:
+                raise HarnessError(
+                    f"{root} was prepared at {index['resolution']} px but DataConfig.resolution={self.resolution}; "
+                    f"set the resolution to {index['resolution']} or run `harness prepare SRC DST "
+                    f"--resolution {self.resolution}`")
+            return ArrayImages(self, np.load(root / "images.npy", mmap_mode="r"), names, keep)
+        if not (root / PREPARED_INDEX).is_file() or not self.center_crop:
+            # Raw folders are checked up front (headers only), so a corrupt or wrong-size file stops the run
+            # before training rather than hours into it; prepared ones were checked when they were written.
+            _check_headers(root, names, self.resolution, exact_size=not self.center_crop)
+        return FolderImages(self, root, names)
+
+    def _subset(self, total: int) -> list[int]:
+        if self.subset is None:
+            return list(range(total))
+        if self.subset > total:
+            raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {total} images; "
+                               f"lower the subset or add images")
+        return choose_subset(total, self.subset, self.subset_seed)
+
+
+def choose_subset(total: int, n: int, seed: int) -> list[int]:
+    """`n` of `total` indices, reproducible in `seed`, ascending. `harness prepare --subset` makes the same pick."""
+    return sorted(subset_order(total, seed)[:n])
+
+
+def subset_order(total: int, seed: int) -> list[int]:
+    """The order in which a subset takes candidates (prepare walks further along it past unreadable files)."""
+    return np.random.default_rng(seed).permutation(total).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+class ImageDataset(torch.utils.data.Dataset):
+    """Images as float32 [C, H, W] in [-1, 1]. Subclasses supply `uint8_batch` (uint8 [B, H, W, 3])."""
+
+    def __init__(self, config: DataConfig, names: list[str]):
+        self.config = config
+        self.names = names  # file paths relative to the root, or `shapes/000123` for embedded images
+        self.resolution = config.resolution
+        self.channels = 3
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def uint8_batch(self, indices) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.get_batch([index], flip=False)[0]
+
+    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = True) -> torch.Tensor:
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1]. With `flip` (and `hflip` in the config), each
+        image is mirrored with probability 1/2, drawn from `generator` (a CPU torch.Generator)."""
+        indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        batch = torch.from_numpy(self.uint8_batch(indices)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if flip and self.config.hflip:
+            mirrored = torch.rand(len(indices), generator=generator) < 0.5
+            batch[mirrored] = batch[mirrored].flip(-1)
+        return batch.contiguous()
+
+    def write_manifest(self, path: str | os.PathLike) -> None:
+        """Record which images this dataset holds (the run folder keeps it beside the config)."""
+        manifest = {"config": self.config.describe(), "content_id": self.config.content_id(),
+                    "count": len(self), "files": self.names}
+        Path(path).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+class ArrayImages(ImageDataset):
+    """Images held in one uint8 [N, H, W, 3] array: generated in memory, or a memory-mapped prepared .npy."""
+
+    def __init__(self, config: DataConfig, array: np.ndarray, names: list[str], rows: list[int]):
+        super().__init__(config, names)
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def uint8_batch(self, indices) -> np.ndarray:
+        return np.ascontiguousarray(self.array[self.rows[indices]])
+
+
+class FolderImages(ImageDataset):
+    """Image files decoded on demand (and resized/cropped when `center_crop`)."""
+
+    def __init__(self, config: DataConfig, root: Path, names: list[str]):
+        super().__init__(config, names)
+        self.root = root
+
+    def uint8_batch(self, indices) -> np.ndarray:
+        return np.stack([self._load(self.names[i]) for i in indices])
+
+    def _load(self, name: str) -> np.ndarray:
+        path = self.root / name
+        image = load_rgb(path)
+        if self.config.center_crop:
+            image = fit_square(image, self.resolution)
+        elif image.size != (self.resolution, self.resolution):
+            raise _size_error(path, image.size, self.resolution)
+        return np.asarray(image, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- images
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image as RGB (EXIF rotation applied); a HarnessError names the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise HarnessError(f"cannot read image {path} ({err}); delete or replace it, or run "
+                           f"`harness prepare SRC DST --resolution N`, which skips and lists unreadable files") from err
+
+
+def fit_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Crop the centre square (side = the shorter side), then resize it to resolution x resolution."""
+    width, height = image.size
+    side = min(width, height)
+    if (width, height) != (side, side):
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if side != resolution:  # Lanczos filters when shrinking, so downsampled images do not alias
+        image = image.resize((resolution, resolution), Image.LANCZOS)
+    return image
+
+
+def _size_error(path: Path, size: tuple[int, int], resolution: int) -> HarnessError:
+    return HarnessError(f"image {path} is {size[0]}x{size[1]} but DataConfig.resolution={resolution} and "
+                        f"center_crop is off; set DataConfig.center_crop=True or run `harness prepare SRC DST "
+                        f"--resolution {resolution} --center-crop`")
+
+
+def _check_headers(root: Path, names: list[str], resolution: int, exact_size: bool) -> None:
+    """Every file must open as an image (headers only) and, with `exact_size`, be resolution x resolution."""
+    for name in names:
+        path = root / name
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except (OSError, ValueError) as err:
+            raise HarnessError(f"cannot read image {path} ({err}); delete or replace it, or run "
+                               f"`harness prepare SRC DST --resolution {resolution}`, which skips unreadable files")
+        if exact_size and size != (resolution, resolution):
+            raise _size_error(path, size, resolution)
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under `root` (recursive), as sorted relative POSIX paths; hidden files are ignored."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for filename in filenames:
+            if filename.lower().endswith(IMAGE_SUFFIXES) and not filename.startswith("."):
+                found.append(Path(dirpath, filename).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _read_index(root: Path) -> dict:
+    try:
+        return json.loads((root / PREPARED_INDEX).read_text())
+    except (OSError, ValueError) as err:
+        raise HarnessError(f"{root / PREPARED_INDEX} is unreadable ({err}); prepare the dataset again with "
+                           f"`harness prepare SRC {root} --resolution N`")
+
+
+def _locate(root: Path) -> tuple[str, Path, list[str]]:
+    """What kind of dataset `root` is ('folder' or 'npy') and its image names; HarnessError when unusable."""
+    hint = f"point DataConfig.root (or the recipe's *_ROOT macro) at your images, or make the folder with " \
+           f"`harness prepare SRC {root} --resolution N`"
+    if not root.exists():
+        raise HarnessError(f"data folder {root} does not exist (cwd {Path.cwd()}); {hint}")
+    if not root.is_dir():
+        raise HarnessError(f"data root {root} is not a folder; {hint}")
+    if (root / PREPARED_INDEX).is_file():
+        index = _read_index(root)
+        kind = index.get("format", "folder")
+        names = list(index.get("files", []))
+        if kind == "npy":
+            if not (root / "images.npy").is_file():
+                raise HarnessError(f"{root} has {PREPARED_INDEX} but no images.npy; prepare it again")
+        else:
+            kind, names = "folder", [f"images/{name}" for name in index.get("outputs", names)]
+        if not names:
+            raise HarnessError(f"prepared dataset {root} holds no images; prepare it again from a folder of images")
+        return kind, root, names
+    if (root / PREPARE_PROGRESS).is_file():
+        raise HarnessError(f"{root} is a `harness prepare` output that never finished; run the same "
+                           f"`harness prepare` command again to complete it")
+    names = list_images(root)
+    if not names:
+        raise HarnessError(f"data folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}, searched "
+                           f"recursively); {hint}")
+    return "folder", root, names
+
+
+# ---------------------------------------------------------------------------------------------- export
+def write_png_folder(dataset: ImageDataset | DataConfig, folder: str | os.PathLike, limit: int | None = None,
+                     batch_size: int = 256) -> int:
+    """Write the first `limit` images (all by default) as `000000.png`, ... into `folder`; returns the count.
+
+    Pixels are the dataset's own uint8 values (no flip, no float round trip), so reference statistics computed
+    from these files match the training images exactly.
+    """
+    if isinstance(dataset, DataConfig):
+        dataset = dataset.build()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        for offset, pixels in enumerate(dataset.uint8_batch(list(range(start, stop)))):
+            Image.fromarray(pixels).save(folder / f"{start + offset:06d}.png")
+    return count
