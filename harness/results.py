@@ -1,0 +1,220 @@
+"""Run folders -> one tidy pandas table: a row per (arm, stage, step, metric), with what it cost to get there.
+
+The table is what the report (and anyone's own notebook) reads, so it carries everything needed to compare arms
+at equal cost without opening the run folders again:
+
+- identity: experiment, arm, stage (name), stage_id, parent_id, stage_index (0 for the first stage of the arm),
+  stage_dir, status (done | running | failed | pending), seed, mask, mask_ratio;
+- the measurement: step (within the stage), metric, value. Metrics come from eval.jsonl (torch-fidelity's long
+  names shortened: fid, kid, kid_std, isc, precision, recall) and the stage's last logged training loss from
+  metrics.jsonl (metric 'loss');
+- cost at that step, cumulative along the arm: total_steps, images_seen, tokens_seen, train_flops,
+  device_hours, train_seconds. A fine-tuning stage adds its parent chain's final cost.json totals, because
+  the fine-tuned model's cost includes its pretraining. The stage-local numbers are the stage_* columns.
+
+A stage with nothing to show yet (pending, failed early) still gets one row with metric and value empty, so a
+report can mark it instead of silently dropping an arm. Reading is side-effect free and deterministic: collecting
+twice gives the same table; a step evaluated twice (a resumed stage) keeps its last row only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.fileio import atomic_write_bytes, read_jsonl
+
+PLAN_FILE = "plan.json"
+RECORDS_PARQUET, RECORDS_CSV = "records.parquet", "records.csv"
+
+# cost keys: stage-local in eval.jsonl / cost.json, cumulative along the arm in the table
+COST_KEYS = ("images_seen", "tokens_seen", "train_flops", "device_hours", "train_seconds")
+# torch-fidelity's metric names -> the short names used in the table and on the command line
+METRIC_ALIASES = {
+    "frechet_inception_distance": "fid",
+    "kernel_inception_distance_mean": "kid",
+    "kernel_inception_distance_std": "kid_std",
+    "inception_score_mean": "isc",
+    "inception_score_std": "isc_std",
+}
+# eval.jsonl keys that describe the evaluation rather than measure the model
+_EVAL_CONTEXT_KEYS = {"step", "n_samples", "sampler", "sampler_steps", "eta", "reference", "sample_seconds",
+                      "score_seconds", "time", "steps", *COST_KEYS}
+
+COLUMNS = [
+    "experiment", "arm", "stage", "stage_id", "parent_id", "stage_index", "stage_dir", "status", "seed", "mask",
+    "mask_ratio", "step", "metric", "value", "total_steps", *COST_KEYS, *(f"stage_{k}" for k in COST_KEYS),
+]
+
+
+def stage_status(stage_dir: Path) -> str:
+    """done (DONE file) | failed (FAILED file) | running (metrics.jsonl, still incomplete) | pending."""
+    if (stage_dir / "DONE").is_file():
+        return "done"
+    if (stage_dir / "FAILED").is_file():
+        return "failed"
+    if (stage_dir / "metrics.jsonl").is_file():
+        return "running"
+    return "pending"
+
+
+def load_plan(experiment_dir: Path) -> dict[str, Any]:
+    path = Path(experiment_dir) / PLAN_FILE
+    if not path.is_file():
+        raise HarnessError(f"{experiment_dir} has no {PLAN_FILE}: give the folder of one experiment "
+                           f"(results/<experiment>) or a folder that contains experiments")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HarnessError(f"{path} is not valid JSON ({err}); rerun `harness run` to rewrite the plan") from err
+
+
+def find_experiments(path: str | Path) -> list[Path]:
+    """The experiment folders (holding plan.json) at `path` or anywhere below it, sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HarnessError(f"results folder {path} does not exist; pass results/<experiment> or a sweep folder")
+    if (path / PLAN_FILE).is_file():
+        return [path]
+    found = sorted(p.parent for p in path.rglob(PLAN_FILE))
+    if not found:
+        raise HarnessError(f"no experiment under {path} (no {PLAN_FILE} found); run `harness run RECIPE` first")
+    return found
+
+
+def read_cost(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / "cost.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn file cannot happen with atomic writes; treat an edited-by-hand one as absent
+
+
+def _last_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step (the last one written wins), in step order."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if isinstance(row.get("step"), (int, float)):
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in row.items():
+        if key not in _EVAL_CONTEXT_KEYS and _is_number(value):
+            out[METRIC_ALIASES.get(key, key)] = float(value)
+    return out
+
+
+def _stage_cost_at(step: int, row: dict[str, Any], info: dict[str, Any], cost: dict[str, Any] | None) -> dict:
+    """Stage-local cost after `step` steps: the row's own cost keys, else what cost.json lets us derive."""
+    out = {k: float(row[k]) for k in COST_KEYS if _is_number(row.get(k))}
+    if cost is not None and cost.get("steps") == step:  # the stage's final numbers
+        out = {**{k: float(cost[k]) for k in COST_KEYS if _is_number(cost.get(k))}, **out}
+    # images and FLOPs grow exactly linearly with the step; tokens too (every mask drops the same count)
+    out.setdefault("images_seen", float(step * info.get("batch_size", math.nan)))
+    if cost is not None and _is_number(cost.get("flops_per_step")) and cost["flops_per_step"] > 0:
+        out.setdefault("train_flops", float(step * cost["flops_per_step"]))
+    if cost is not None and cost.get("images_seen"):
+        out.setdefault("tokens_seen", out["images_seen"] * cost["tokens_seen"] / cost["images_seen"])
+    return {k: out.get(k, math.nan) for k in COST_KEYS}
+
+
+def _final_totals(stage_dir: Path, info: dict[str, Any]) -> dict[str, float]:
+    """What a finished stage cost in all (cost.json), plus its steps; NaN where unknown."""
+    cost = read_cost(stage_dir) or {}
+    totals = {k: float(cost[k]) if _is_number(cost.get(k)) else math.nan for k in COST_KEYS}
+    totals["steps"] = float(cost.get("steps", info.get("steps", math.nan)))
+    return totals
+
+
+def _stage_rows(experiment_dir: Path, plan: dict, arm: str, sid: str, offset: dict[str, float]) -> list[dict]:
+    info = plan["stages"][sid]
+    stage_dir = experiment_dir / info["dir"]
+    status = stage_status(stage_dir)
+    cost = read_cost(stage_dir)
+    base = {
+        "experiment": plan.get("experiment", experiment_dir.name), "arm": arm, "stage": info["name"],
+        "stage_id": sid, "parent_id": info.get("parent"), "stage_index": None, "stage_dir": info["dir"],
+        "status": status, "seed": info.get("seed"), "mask": info.get("mask"), "mask_ratio": info.get("mask_ratio"),
+    }
+    measured: list[tuple[int, str, float, dict]] = []
+    for row in _last_per_step(read_jsonl(stage_dir / "eval.jsonl")):
+        step = int(row["step"])
+        local = _stage_cost_at(step, row, info, cost)
+        measured += [(step, metric, value, local) for metric, value in sorted(_metrics_of(row).items())]
+    logged = _last_per_step(read_jsonl(stage_dir / "metrics.jsonl"))
+    if logged and _is_number(logged[-1].get("loss")):
+        step = int(logged[-1]["step"])
+        measured.append((step, "loss", float(logged[-1]["loss"]), _stage_cost_at(step, {}, info, cost)))
+
+    rows = []
+    for step, metric, value, local in sorted(measured, key=lambda m: (m[0], m[1])):
+        row = {**base, "step": step, "metric": metric, "value": value, "total_steps": offset["steps"] + step}
+        row.update({k: offset[k] + local[k] for k in COST_KEYS})
+        row.update({f"stage_{k}": local[k] for k in COST_KEYS})
+        rows.append(row)
+    if not rows:  # nothing measured yet: keep the stage visible with its status
+        empty = {k: math.nan for k in COST_KEYS}
+        rows.append({**base, "step": None, "metric": None, "value": math.nan, "total_steps": None, **empty,
+                     **{f"stage_{k}": math.nan for k in COST_KEYS}})
+    return rows
+
+
+def collect(experiment_dir: str | Path) -> pd.DataFrame:
+    """The tidy table of one experiment folder (results/<experiment>), in plan order (arm, stage, step, metric)."""
+    experiment_dir = Path(experiment_dir)
+    plan = load_plan(experiment_dir)
+    rows: list[dict] = []
+    for arm, chain in plan["arms"].items():
+        offset = {k: 0.0 for k in (*COST_KEYS, "steps")}
+        for index, sid in enumerate(chain):
+            if sid not in plan["stages"]:
+                raise HarnessError(f"{experiment_dir / PLAN_FILE}: arm '{arm}' lists stage {sid} that the plan "
+                                   "does not describe; rerun `harness run` to rewrite the plan")
+            stage_rows = _stage_rows(experiment_dir, plan, arm, sid, offset)
+            for row in stage_rows:
+                row["stage_index"] = index
+            rows += stage_rows
+            totals = _final_totals(experiment_dir / plan["stages"][sid]["dir"], plan["stages"][sid])
+            offset = {k: offset[k] + totals[k] for k in offset}
+    return _typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Stable dtypes, so that a table read back from parquet equals the collected one."""
+    for col in ("step", "total_steps", "stage_index", "seed"):
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
+    for col in ("value", "mask_ratio", *COST_KEYS, *(f"stage_{k}" for k in COST_KEYS)):
+        df[col] = pd.to_numeric(df[col]).astype("float64")
+    for col in ("experiment", "arm", "stage", "stage_id", "parent_id", "stage_dir", "status", "mask", "metric"):
+        df[col] = df[col].astype("string")
+    return df.reset_index(drop=True)
+
+
+def write_records(experiment_dir: str | Path) -> pd.DataFrame:
+    """Collect the experiment and (re)write records.parquet and records.csv atomically; returns the table."""
+    experiment_dir = Path(experiment_dir)
+    df = collect(experiment_dir)
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    atomic_write_bytes(experiment_dir / RECORDS_PARQUET, buffer.getvalue())
+    atomic_write_bytes(experiment_dir / RECORDS_CSV, df.to_csv(index=False).encode())
+    return df
+
+
+def read_records(experiment_dir: str | Path) -> pd.DataFrame:
+    """records.parquet as written by `write_records`."""
+    return _typed(pd.read_parquet(Path(experiment_dir) / RECORDS_PARQUET))
