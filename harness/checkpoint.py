@@ -81,3 +81,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise HarnessError(f"refusing to load {path}: it contains pickled Python objects that could run "
                                "code; only tensors and plain containers are accepted") from err
         raise HarnessError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+
+
+def load_weights_strictly(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:
+    """Load `weights` into `model`, failing loudly on any missing, unexpected or misshapen tensor.
+
+    MaskDM's own configs can silently start fine-tuning from scratch when a key does not match; here a
+    fine-tuning stage either gets every tensor of its parent or stops. Returns a one-line report.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(weights) if tuple(expected[k].shape) != tuple(weights[k].shape))
+    if missing or unexpected or misshapen:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5})" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise HarnessError(f"the weights from {source} do not fit this stage's model ({'; '.join(parts)}); the "
+                           "parent must have the same architecture (UViTConfig) as the stage that loads it")
+    model.load_state_dict(weights, strict=True)
+    numel = sum(t.numel() for t in weights.values())
+    return f"loaded {len(weights)} tensors ({numel:,} values) from {source}"

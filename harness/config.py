@@ -5,8 +5,10 @@ worker, which re-parses it with `parse_gin_text`. Gin bindings themselves never 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
+import logging
 import re
 from pathlib import Path
 
@@ -39,6 +41,23 @@ def register_configurables() -> None:
         except ModuleNotFoundError as err:
             if err.name != name:  # a module that exists but fails to import is a real bug
                 raise
+
+
+class _QuietIncludeProbe(logging.Filter):
+    """gin logs 'Path not found' at ERROR for every search path it tries before the one that works."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_gin_search():
+    root, quiet = logging.getLogger(), _QuietIncludeProbe()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _add_search_paths(extra: list[Path]) -> None:
@@ -88,7 +107,8 @@ def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
     gin.clear_config()
     _add_search_paths([path.resolve().parent])
     try:
-        gin.parse_config_files_and_bindings([str(path)], bindings or [], finalize_config=False)
+        with _quiet_gin_search():
+            gin.parse_config_files_and_bindings([str(path)], bindings or [], finalize_config=False)
     except (ValueError, KeyError, TypeError, OSError, SyntaxError) as err:
         source = str(path) if not bindings else f"{path} + --gin overrides"
         raise _explain_gin_error(err, source) from err

@@ -1,0 +1,118 @@
+"""`harness run RECIPE`: plan the experiment, train its stages (skipping finished ones), then report."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "run a recipe: train every arm's stages (resuming, skipping finished ones), evaluate, report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a gin recipe file, or the name of one under recipes/ (e.g. quickstart)")
+    parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                        help="extra gin binding, repeatable, e.g. --gin 'MASK_RATIO = 0.5' "
+                             "--gin 'pretrain/Stage.steps = 100'")
+    parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    parser.add_argument("--launcher", default="inline",
+                        help="inline (this process, default) | local (submitit subprocesses) | slurm")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (and write plan.json); train nothing")
+    parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
+                        help="run only these stages (by stage name, arm/name or id prefix); repeatable")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--no-wait", action="store_true", help="with local/slurm launchers: submit and return")
+
+
+def select_stages(plan, wanted: list[str]) -> list[str]:
+    """Stage ids matching --stage filters (all stages when none is given)."""
+    from harness.errors import HarnessError
+
+    if not wanted:
+        return list(plan.stages)
+    chosen = []
+    for key in wanted:
+        hits = [sid for sid, ps in plan.stages.items()
+                if key in (ps.name, sid) or sid.startswith(key) or any(key == f"{a}/{ps.name}" for a in ps.arms)]
+        if not hits:
+            names = ", ".join(sorted({f"{a}/{ps.name}" for ps in plan.stages.values() for a in ps.arms}))
+            raise HarnessError(f"no stage matches --stage {key!r} (stages: {names})")
+        chosen += [h for h in hits if h not in chosen]
+    return [sid for sid in plan.stages if sid in chosen]  # keep dependency order
+
+
+def print_plan(plan, results_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"experiment [bold]{plan.experiment}[/] -> {results_dir / plan.experiment}")
+    for column in ("arms", "stage", "id", "parent", "steps", "batch", "lr", "mask (actual)", "model", "data",
+                   "status"):
+        table.add_column(column)
+    for sid, ps in plan.stages.items():
+        s = ps.spec
+        m = s.model
+        model = f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
+        data = s.data.source if s.data.source != "folder" else f"folder {s.data.root}"
+        status = "done" if plan.is_done(results_dir, sid) else "pending"
+        table.add_row(", ".join(ps.arms), s.name, sid[:8], (ps.parent or "-")[:8], str(s.steps),
+                      str(s.batch_size), f"{s.lr:g}", f"{s.mask.name} ({s.mask.actual_ratio(m.grid):.1%})",
+                      model, data, status)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200  # a log file has no width limit; do not squash the columns
+    console.print(table)
+
+
+def main(args: argparse.Namespace) -> int:
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    results_dir = Path(args.results_dir)
+    gin_text = load_recipe(args.recipe, args.gin)
+    plan = plan_from_gin()
+    stage_ids = select_stages(plan, args.stage)
+    if args.dry_run:
+        print_plan(plan, results_dir)
+        return 0
+    plan.write(results_dir)
+
+    if args.launcher == "inline":
+        run_inline(plan, gin_text, results_dir, stage_ids)
+    else:
+        from harness.launch import launch_plan, launcher_from_name
+
+        launcher = launcher_from_name(args.launcher)
+        launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
+        if args.no_wait:
+            return 0
+    if not args.no_report:
+        write_report(results_dir / plan.experiment)
+    return 0
+
+
+def run_inline(plan, gin_text: str, results_dir: Path, stage_ids: list[str]) -> None:
+    from harness.stage import run_stage
+
+    for sid in stage_ids:
+        ps = plan.stages[sid]
+        if plan.is_done(results_dir, sid):
+            print(f"[{ps.name}] {sid[:8]} already done, skipped", file=sys.stderr)
+            continue
+        print(f"[{ps.name}] {sid[:8]} ({', '.join(ps.arms)}) -> {plan.stage_dir(results_dir, sid)}",
+              file=sys.stderr)
+        result = run_stage(gin_text, sid, results_dir)
+        cost = result.get("cost", {})
+        print(f"[{ps.name}] {result['status']} at step {result.get('step')}: "
+              f"{cost.get('train_seconds', 0):.1f} s training, {cost.get('eval_seconds', 0):.1f} s evaluating",
+              file=sys.stderr)
+
+
+def write_report(experiment_dir: Path) -> None:
+    try:
+        from harness.report import make_report
+    except ImportError:  # the report module is optional for a partial install
+        return
+    paths = make_report(experiment_dir)
+    if paths:
+        print("report: " + json.dumps({k: str(v) for k, v in dict(paths).items()}), file=sys.stderr)

@@ -1,0 +1,125 @@
+"""The worker for one stage: the one place that ties config, data, training, evaluation and cost together.
+
+`run_stage` takes only strings (gin text, stage id, results folder), so the same call runs inline, in a
+submitit subprocess or on a SLURM node. It re-parses the gin text, rebuilds the plan, finds its stage, and
+trains it into the stage's run folder, resuming from the newest valid checkpoint. It writes DONE last, and
+FAILED (with the error) when the stage fails, so `harness status` and the report can tell them apart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+from harness.config import operative_config
+from harness.errors import HarnessError
+from harness.experiment import DONE_MARKER, FAILED_MARKER, Plan, PlannedStage, plan_from_gin
+from harness.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _weights_from(checkpoint: dict[str, Any], which: str, source: str) -> dict[str, torch.Tensor]:
+    """Pick the raw or EMA weights out of a checkpoint (ours, or a plain state dict)."""
+    if "model" in checkpoint or "ema" in checkpoint:
+        if which not in ("raw", "ema"):
+            raise HarnessError(f"init_from must be 'raw' or 'ema', got {which!r}")
+        key = "model" if which == "raw" else "ema"
+        if key not in checkpoint:
+            raise HarnessError(f"{source} has no '{key}' weights (init_from = '{which}')")
+        return checkpoint[key]
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise HarnessError(f"{source} is neither a harness checkpoint nor a state dict; convert it with "
+                       "`harness convert` first")
+
+
+def initial_weights(plan: Plan, planned: PlannedStage, results_dir: Path) -> tuple[dict | None, str]:
+    """The weights a stage starts from: its parent's final checkpoint, an external file, or none."""
+    spec = planned.spec
+    if planned.parent is not None:
+        parent_dir = plan.stage_dir(results_dir, planned.parent)
+        if not (parent_dir / DONE_MARKER).is_file():
+            raise HarnessError(f"stage '{spec.name}' needs its parent {parent_dir} to be finished first "
+                               "(run the whole recipe, or its parent stage)")
+        path = newest_valid_checkpoint(parent_dir / "checkpoints")
+        if path is None:
+            raise HarnessError(f"the parent stage {parent_dir} is marked done but has no valid checkpoint")
+        source = f"{path} ({spec.init_from} weights)"
+        return _weights_from(load_checkpoint(path), spec.init_from, source), source
+    if spec.init_checkpoint:
+        path = Path(spec.init_checkpoint).expanduser()
+        source = f"{path} ({spec.init_from} weights)"
+        return _weights_from(load_checkpoint(path), spec.init_from, source), source
+    return None, ""
+
+
+def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_text: str) -> None:
+    info = {"id": planned.id, "parent": planned.parent, "arms": planned.arms, "experiment": plan.experiment,
+            "stage": planned.spec.describe()}
+    atomic_write_text(run_dir / "stage.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(run_dir / "recipe.gin", gin_text)  # what the launcher shipped: re-runnable as is
+    atomic_write_text(run_dir / "config.gin", operative_config())  # rewritten at the end, when complete
+
+
+def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event: Any = None) -> dict[str, Any]:
+    """Train (or resume) one stage of the plan in `gin_text`; returns {"status": done|preempted|skipped, ...}."""
+    from harness.train import TrainContext, Trainer, is_distributed
+
+    results_dir = Path(results_dir)
+    plan = plan_from_gin(gin_text)
+    if stage_id not in plan.stages:
+        raise HarnessError(f"stage {stage_id} is not part of experiment '{plan.experiment}'")
+    planned = plan.stages[stage_id]
+    spec = planned.spec
+    run_dir = plan.stage_dir(results_dir, stage_id)
+    summary = {"stage_id": stage_id, "name": spec.name, "dir": str(run_dir)}
+    if (run_dir / DONE_MARKER).is_file():
+        return {**summary, "status": "skipped"}
+
+    rank, world_size = is_distributed()
+    is_main = rank == 0
+    device = pick_device(rank)
+    spec.data.check()
+    init_weights, init_source = initial_weights(plan, planned, results_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
+        _write_stage_files(plan, planned, run_dir, gin_text)
+        if hasattr(spec.data, "write_manifest"):
+            spec.data.write_manifest(run_dir / "data_manifest.json")
+
+    evaluate = None
+    if spec.eval is not None:
+        from harness.evaluate import evaluate_stage
+
+        def evaluate(ema, diffusion, step: int, cost: dict) -> None:
+            evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost)
+
+    ctx = TrainContext(spec=spec, stage_id=stage_id, run_dir=run_dir, device=device, init_weights=init_weights,
+                       init_source=init_source, stop_event=stop_event, rank=rank, world_size=world_size)
+    try:
+        trainer = Trainer(ctx, evaluate)
+        status = trainer.run()
+    except BaseException as err:
+        if is_main and not isinstance(err, KeyboardInterrupt):
+            detail = str(err) if isinstance(err, HarnessError) else traceback.format_exc()
+            atomic_write_text(run_dir / FAILED_MARKER, f"{type(err).__name__}: {detail}\n")
+        raise
+    if is_main:
+        trainer.cost.write(run_dir / "cost.json")
+        if status == "done":
+            atomic_write_text(run_dir / "config.gin", operative_config())
+            atomic_write_text(run_dir / DONE_MARKER, f"step {trainer.step}\n")
+    return {**summary, "status": status, "step": trainer.step, "cost": trainer.cost.to_json()}

@@ -1,0 +1,354 @@
+"""The training loop of one stage, readable top to bottom.
+
+Reproducibility by construction: the images, flips, time steps, noise and masks of step `s` are drawn from
+generators seeded by (stage seed, s), never from a running random state. A resumed stage therefore needs only
+the weights, EMA, optimizer, scaler, cost counters and the step to continue exactly where it stopped, and a
+data-parallel run sees the same global batch as a single process (each rank takes its slice).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from harness.checkpoint import (load_checkpoint, load_weights_strictly, newest_valid_checkpoint,
+                                save_checkpoint)
+from harness.cost import CostMeter, measure_step_flops
+from harness.errors import HarnessError
+from harness.experiment import Stage
+from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
+
+log = logging.getLogger(__name__)
+
+# evaluate(ema_model, diffusion, step, cost_snapshot) -> None; called on the main rank only
+EvaluateFn = Callable[[nn.Module, Any, int, dict], None]
+
+
+@dataclass
+class TrainContext:
+    """What the stage worker hands the loop."""
+
+    spec: Stage
+    stage_id: str
+    run_dir: Path
+    device: torch.device
+    init_weights: dict[str, torch.Tensor] | None = None  # parent / external weights, loaded strictly
+    init_source: str = ""  # where init_weights came from, for the log
+    stop_event: Any = None  # threading.Event-like: when set, checkpoint at the next step and stop
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class NonFiniteLoss(HarnessError):
+    pass
+
+
+def _step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
+class BatchOrder:
+    """Epoch-wise random permutations; the indices of a step are a pure function of (seed, step)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = num_items, batch_size, seed
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != epoch:
+            gen = torch.Generator().manual_seed(_step_seed(self.seed, epoch, salt=17))
+            self._cached = (epoch, torch.randperm(self.n, generator=gen))
+        return self._cached[1]
+
+    def indices(self, step: int) -> torch.Tensor:
+        chunks, pos, need = [], step * self.batch_size, self.batch_size
+        while need > 0:
+            epoch, offset = divmod(pos, self.n)
+            take = min(need, self.n - offset)
+            chunks.append(self._perm(epoch)[offset:offset + take])
+            pos, need = pos + take, need - take
+        return torch.cat(chunks)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings (vectors and the names the model lists)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class Trainer:
+    """Holds one stage's live objects; `run()` trains from the newest checkpoint to the last step."""
+
+    def __init__(self, ctx: TrainContext, evaluate: EvaluateFn | None = None) -> None:
+        self.ctx, self.spec, self.evaluate = ctx, ctx.spec, evaluate
+        spec, device = ctx.spec, ctx.device
+        if spec.batch_size % ctx.world_size:
+            raise HarnessError(f"batch_size {spec.batch_size} is not divisible by the {ctx.world_size} ranks")
+        self.local_batch = spec.batch_size // ctx.world_size
+        self.micro_batch = min(spec.micro_batch_size or self.local_batch, self.local_batch)
+        if self.local_batch % self.micro_batch:
+            raise HarnessError(f"micro_batch_size {self.micro_batch} must divide the per-rank batch "
+                               f"{self.local_batch}")
+
+        torch.manual_seed(spec.seed)  # the initial weights depend on the seed alone
+        self.model = spec.model.build().to(device)
+        if ctx.init_weights is not None:
+            report = load_weights_strictly(self.model, ctx.init_weights, ctx.init_source or "the parent stage")
+            log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net = self.model
+        if ctx.world_size > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay), lr=spec.lr,
+                                           betas=spec.betas, fused=fused or None, foreach=None if fused else True)
+        self.autocast_dtype = _autocast_dtype(spec.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.diffusion = spec.diffusion.build(device)
+        self.dataset = spec.data.build()
+        self.order = BatchOrder(len(self.dataset), spec.batch_size, spec.seed)
+        self.grid = spec.model.grid
+        self.cost = CostMeter.for_device(device, ctx.world_size, mask=spec.mask.name,
+                                         mask_ratio=spec.mask.actual_ratio(self.grid))
+        self.step = 0
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def draw(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's slice of step `step`'s global batch: images, time steps, noise and mask."""
+        spec, device = self.spec, self.ctx.device
+        idx = self.order.indices(step)
+        gen = torch.Generator(device=device).manual_seed(_step_seed(spec.seed, step))
+        b = spec.batch_size
+        shape = (b, spec.model.in_chans, spec.model.img_size, spec.model.img_size)
+        t = torch.randint(0, self.diffusion.timesteps, (b,), generator=gen, device=device)
+        noise = torch.randn(shape, generator=gen, device=device)
+        flip = torch.rand(b, generator=gen, device=device) < 0.5 if spec.data.hflip else None
+        mask = spec.mask.sample(b, self.grid, generator=gen, device=device)
+        lo, hi = self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch
+        x0 = self.dataset.get_batch(idx[lo:hi]).to(device, non_blocking=True)
+        if flip is not None:
+            x0 = torch.where(flip[lo:hi, None, None, None], x0.flip(-1), x0)
+        return x0, t[lo:hi], noise[lo:hi], None if mask is None else mask[lo:hi]
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """Forward, backward and update for one global batch; returns (loss, grad norm)."""
+        spec, device = self.spec, self.ctx.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
+        x0, t, noise, mask = self.draw(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        n_micro = self.local_batch // self.micro_batch
+        total = torch.zeros((), device=device)
+        for i in range(n_micro):
+            sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            sync = i == n_micro - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
+            with (self.net.no_sync() if not sync else contextlib.nullcontext()):
+                with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
+                                                  mask=None if mask is None else mask[sl])
+                self.scaler.scale(loss / n_micro).backward()
+            total += loss.detach() / n_micro
+        self.scaler.unscale_(self.optimizer)
+        max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value = total.item()
+        if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if spec.nan_policy == "stop":
+                raise NonFiniteLoss(f"stage '{spec.name}': the loss became {loss_value} at step {step}; the "
+                                    "last good checkpoint is kept (lower the lr, or set Stage.nan_policy = 'skip')")
+            log.warning("non-finite loss %s at step %d: batch skipped", loss_value, step)
+            self.scaler.update()
+            return loss_value, float("nan")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        decay = spec.ema_decay
+        if spec.ema_warmup:
+            decay = min(decay, (1 + step) / (10 + step))
+        update_ema(self.ema, self.model, decay)
+        return loss_value, grad_norm.item()
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage_id": self.ctx.stage_id, "step": self.step, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "cost": self.cost.state_dict()}
+
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.ctx.run_dir / "checkpoints", self.step, self.state_dict(),
+                            keep=self.spec.keep_checkpoints)
+
+    def resume(self) -> bool:
+        path = newest_valid_checkpoint(self.ctx.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = load_checkpoint(path, map_location=self.ctx.device)
+        if state.get("stage_id") != self.ctx.stage_id:
+            raise HarnessError(f"{path} belongs to stage {state.get('stage_id')}, not {self.ctx.stage_id}; "
+                               "move the folder away or delete it")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.cost.load_state_dict(state["cost"])
+        self.step = int(state["step"])
+        if self.ctx.is_main:  # rows logged after that checkpoint are about to be redone: drop them
+            metrics = self.ctx.run_dir / "metrics.jsonl"
+            rewrite_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step])
+        log.info("resumed stage %s from %s (step %d)", self.spec.name, path, self.step)
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train to `spec.steps`; returns 'done', or 'preempted' when the stop event was set."""
+        spec, ctx = self.spec, self.ctx
+        self.resume()
+        if self.cost.flops_per_step == 0:
+            self._measure_cost_per_step()
+        evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / "eval.jsonl") if "step" in r}
+        eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
+        progress = _Progress(spec, self.step, enabled=ctx.is_main)
+        last_time, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < spec.steps:
+                if ctx.stop_event is not None and ctx.stop_event.is_set():
+                    self.save()
+                    return "preempted"
+                with self.cost.training():
+                    loss, grad_norm = self.train_step(self.step)
+                    self.step += 1
+                    self.cost.step(spec.batch_size)
+                if self.step % spec.log_every == 0 or self.step == spec.steps:
+                    now = time.perf_counter()
+                    ips = (self.step - last_step) * spec.batch_size / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    row = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "images_per_second": ips,
+                           "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+                    if ctx.is_main:
+                        append_jsonl(ctx.run_dir / "metrics.jsonl", row)
+                    progress.log(row)
+                progress.advance(self.step, loss)
+                if self.step % spec.checkpoint_every == 0 and self.step < spec.steps:
+                    self.save()
+                if spec.sample_every and self.step % spec.sample_every == 0 and self.step < spec.steps:
+                    self.write_sample_grid()
+                if self.step in eval_steps and self.step not in evaluated and self.step < spec.steps:
+                    self._evaluate()
+                    evaluated.add(self.step)
+        finally:
+            progress.close()
+        self.save()
+        self.write_sample_grid()
+        if spec.eval is not None and self.step not in evaluated:
+            self._evaluate()
+        return "done"
+
+    def _measure_cost_per_step(self) -> None:
+        """FLOPs of one training step, measured on one image and scaled to the global batch."""
+        x0, t, noise, mask = self.draw(0)
+        one = None if mask is None else mask[:1]
+        flops_one = measure_step_flops(self.model, self.diffusion, x0[:1], one)
+        self.model.zero_grad(set_to_none=True)
+        self.cost.flops_per_step = flops_one * self.spec.batch_size
+        self.cost.tokens_per_image = self.model.tokens_entering_blocks(one)
+
+    def _evaluate(self) -> None:
+        if self.evaluate is None or not self.ctx.is_main:
+            return
+        with self.cost.evaluating():
+            self.evaluate(self.ema, self.diffusion, self.step, self.cost.snapshot())
+
+    @torch.no_grad()
+    def write_sample_grid(self) -> None:
+        if not self.ctx.is_main or self.spec.num_sample_images <= 0:
+            return
+        from torchvision.utils import save_image
+
+        from harness.fileio import atomic_write_bytes
+        from harness.sampling import SamplerConfig, sample_images
+
+        spec = self.spec
+        with self.cost.evaluating():
+            images = sample_images(self.ema, self.diffusion, SamplerConfig(kind="ddim", steps=spec.sample_steps,
+                                                                           eta=1.0),
+                                   n=spec.num_sample_images,
+                                   shape=(spec.model.in_chans, spec.model.img_size, spec.model.img_size),
+                                   seed=spec.seed, batch_size=spec.num_sample_images, device=self.ctx.device)
+        buffer = io.BytesIO()
+        save_image((images + 1) / 2, buffer, format="png", nrow=int(math.ceil(math.sqrt(len(images)))))
+        atomic_write_bytes(self.ctx.run_dir / "samples" / f"step_{self.step:07d}.png", buffer.getvalue())
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain log lines (at log steps) when output goes to a file."""
+
+    def __init__(self, spec: Stage, start: int, enabled: bool) -> None:
+        self.spec, self.bar, self.task = spec, None, None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn(f"[bold]{spec.name}[/]"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"),
+                                TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(),
+                                TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task(spec.name, total=spec.steps, completed=start, loss=float("nan"), ips=0.0)
+            self.bar.start()
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss)
+
+    def log(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, ips=row["images_per_second"])
+        elif self.enabled:
+            print(f"[{self.spec.name}] step {row['step']}/{self.spec.steps} loss {row['loss']:.4f} "
+                  f"lr {row['lr']:.2e} {row['images_per_second']:.1f} img/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def is_distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
