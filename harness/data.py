@@ -92,16 +92,42 @@ class DataConfig:
             payload = {**settings, "files": files}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def names(self) -> list[str]:
+        """The chosen images, by name, in dataset order (cheap: nothing is decoded or generated)."""
+        return self._chosen()[1]
+
+    def write_manifest(self, path: str | os.PathLike) -> None:
+        """Record which images the dataset holds; the stage worker keeps this in the run folder."""
+        manifest = {"config": self.describe(), "content_id": self.content_id(), "files": self.names()}
+        manifest["count"] = len(manifest["files"])
+        Path(path).write_text(json.dumps(manifest, indent=1) + "\n")
+
     # -- building ------------------------------------------------------------------------------------------
+    def _chosen(self, located: tuple[str, Path, list[str]] | None = None) -> tuple[list[int], list[str]]:
+        """(positions in the full dataset, names) of the images this config keeps."""
+        if self.source != "folder":
+            total, all_names = self.num_images, None
+        else:
+            all_names = (located or _locate(self.root_path))[2]
+            total = len(all_names)
+        if self.subset is None:
+            keep = list(range(total))
+        elif self.subset > total:
+            raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {total} images; "
+                               f"lower the subset or add images")
+        else:
+            keep = choose_subset(total, self.subset, self.subset_seed)
+        names = [f"{self.source}/{i:06d}" for i in keep] if all_names is None else [all_names[i] for i in keep]
+        return keep, names
+
     def build(self) -> "ImageDataset":
         if self.source != "folder":
+            keep, names = self._chosen()
             images = embedded.generate(self.source, self.num_images, self.resolution, self.seed)
-            names = [f"{self.source}/{i:06d}" for i in range(len(images))]
-            keep = self._subset(len(names))
-            return ArrayImages(self, images, [names[i] for i in keep], keep)
-        kind, root, names = _locate(self.root_path)
-        keep = self._subset(len(names))
-        names = [names[i] for i in keep]
+            return ArrayImages(self, images, names, keep)
+        located = _locate(self.root_path)
+        kind, root, _ = located
+        keep, names = self._chosen(located)
         if kind == "npy":
             index = _read_index(root)
             if index["resolution"] != self.resolution:
@@ -115,15 +141,6 @@ class DataConfig:
             # before training rather than hours into it; prepared ones were checked when they were written.
             _check_headers(root, names, self.resolution, exact_size=not self.center_crop)
         return FolderImages(self, root, names)
-
-    def _subset(self, total: int) -> list[int]:
-        if self.subset is None:
-            return list(range(total))
-        if self.subset > total:
-            raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {total} images; "
-                               f"lower the subset or add images")
-        return choose_subset(total, self.subset, self.subset_seed)
-
 
 def choose_subset(total: int, n: int, seed: int) -> list[int]:
     """`n` of `total` indices, reproducible in `seed`, ascending. `harness prepare --subset` makes the same pick."""
@@ -154,9 +171,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.get_batch([index], flip=False)[0]
 
-    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = True) -> torch.Tensor:
-        """Images `indices` as float32 [B, C, H, W] in [-1, 1]. With `flip` (and `hflip` in the config), each
-        image is mirrored with probability 1/2, drawn from `generator` (a CPU torch.Generator)."""
+    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = False) -> torch.Tensor:
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1]. With `flip=True` (and `hflip` in the config),
+        each image is mirrored with probability 1/2, drawn from `generator` (a CPU torch.Generator; pass one,
+        or the draw comes from torch's global RNG). Callers that flip themselves leave `flip` False."""
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         batch = torch.from_numpy(self.uint8_batch(indices)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         if flip and self.config.hflip:
@@ -165,10 +183,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return batch.contiguous()
 
     def write_manifest(self, path: str | os.PathLike) -> None:
-        """Record which images this dataset holds (the run folder keeps it beside the config)."""
-        manifest = {"config": self.config.describe(), "content_id": self.config.content_id(),
-                    "count": len(self), "files": self.names}
-        Path(path).write_text(json.dumps(manifest, indent=1) + "\n")
+        self.config.write_manifest(path)
 
 
 class ArrayImages(ImageDataset):
