@@ -151,14 +151,15 @@ def _stage_rows(experiment_dir: Path, plan: dict, arm: str, sid: str, offset: di
         "status": status, "seed": info.get("seed"), "mask": info.get("mask"), "mask_ratio": info.get("mask_ratio"),
     }
     measured: list[tuple[int, str, float, dict]] = []
-    for row in _last_per_step(read_jsonl(stage_dir / "eval.jsonl")):
-        step = int(row["step"])
+    evals = {int(row["step"]): row for row in _last_per_step(read_jsonl(stage_dir / "eval.jsonl"))}
+    for step, row in evals.items():
         local = _stage_cost_at(step, row, info, cost)
         measured += [(step, metric, value, local) for metric, value in sorted(_metrics_of(row).items())]
     logged = _last_per_step(read_jsonl(stage_dir / "metrics.jsonl"))
     if logged and _is_number(logged[-1].get("loss")):
         step = int(logged[-1]["step"])
-        measured.append((step, "loss", float(logged[-1]["loss"]), _stage_cost_at(step, {}, info, cost)))
+        local = _stage_cost_at(step, evals.get(step, {}), info, cost)
+        measured.append((step, "loss", float(logged[-1]["loss"]), local))
 
     rows = []
     for step, metric, value, local in sorted(measured, key=lambda m: (m[0], m[1])):
@@ -206,13 +207,17 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_records(experiment_dir: str | Path) -> pd.DataFrame:
     """Collect the experiment and (re)write records.parquet and records.csv atomically; returns the table."""
-    experiment_dir = Path(experiment_dir)
     df = collect(experiment_dir)
+    write_table(df, experiment_dir)
+    return df
+
+
+def write_table(df: pd.DataFrame, folder: str | Path) -> None:
+    """Write `df` as folder/records.parquet and folder/records.csv, each through a temp file and a rename."""
     buffer = io.BytesIO()
     df.to_parquet(buffer, index=False)
-    atomic_write_bytes(experiment_dir / RECORDS_PARQUET, buffer.getvalue())
-    atomic_write_bytes(experiment_dir / RECORDS_CSV, df.to_csv(index=False).encode())
-    return df
+    atomic_write_bytes(Path(folder) / RECORDS_PARQUET, buffer.getvalue())
+    atomic_write_bytes(Path(folder) / RECORDS_CSV, df.to_csv(index=False).encode())
 
 
 def read_records(experiment_dir: str | Path) -> pd.DataFrame:
