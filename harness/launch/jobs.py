@@ -1,0 +1,120 @@
+"""From plans to the jobs to submit: one job per distinct stage, parents first, finished ones left out.
+
+Several plans (the points of a sweep) may contain the same stage (same id: same config and same parents),
+e.g. the from-scratch baseline that no sweep binding touches. It runs once, in the folder of the first plan
+that has it; the other plans' folders for it become symlinks to that one, so every experiment folder stays
+complete for `harness status` and the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class Variant:
+    """One experiment to launch: its flattened gin text and the plan built from it."""
+
+    gin_text: str
+    plan: Any  # harness.experiment.Plan
+    label: str = ""  # the sweep point, e.g. "MASK_RATIO=0.5"; empty for a plain run
+
+
+@dataclass
+class StageJob:
+    """A distinct stage and where it runs; `links` are the other variants' folders for the same stage."""
+
+    stage_id: str
+    name: str
+    experiment: str
+    gin_text: str
+    stage_dir: Path
+    depth: int
+    parent: str | None
+    done: bool
+    links: list[Path] = field(default_factory=list)
+    children: int = 0  # stages below this one in the launch (used to order job arrays)
+
+
+def build_jobs(variants: list[Variant], results_dir: str | Path) -> list[StageJob]:
+    """Every distinct stage of the variants, in dependency order (parents first)."""
+    results_dir = Path(results_dir)
+    jobs: dict[str, StageJob] = {}
+    for variant in variants:
+        plan = variant.plan
+        for sid, planned in plan.stages.items():
+            folder = plan.stage_dir(results_dir, sid)
+            if sid in jobs:
+                _share(jobs[sid], folder)
+                continue
+            jobs[sid] = StageJob(stage_id=sid, name=planned.name, experiment=plan.experiment,
+                                 gin_text=variant.gin_text, stage_dir=folder, depth=planned.depth,
+                                 parent=planned.parent, done=(folder / "DONE").is_file())
+    for job in jobs.values():
+        if job.parent is not None:
+            jobs[job.parent].children += 1
+    return sorted(jobs.values(), key=lambda j: j.depth)  # stable: plan order within a level
+
+
+def _share(job: StageJob, folder: Path) -> None:
+    """Another variant has the same stage in `folder`: prefer a folder that already finished it."""
+    if folder == job.stage_dir or folder in job.links:
+        return
+    if not job.done and (folder / "DONE").is_file() and not folder.is_symlink():
+        job.links.append(job.stage_dir)
+        job.stage_dir, job.done = folder, True
+    else:
+        job.links.append(folder)
+
+
+def link_shared_folders(job: StageJob) -> None:
+    """Point the other variants' folders for this stage at the folder where it runs (relative symlinks)."""
+    for link in job.links:
+        if link.is_symlink():
+            if link.resolve() == job.stage_dir.resolve():
+                continue
+            link.unlink()
+        elif link.exists():
+            continue  # a real folder (e.g. from an earlier, separate run): leave it alone
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(job.stage_dir, link.parent), target_is_directory=True)
+
+
+def write_job_file(stage_dir: Path, launcher: str, job_id: str | None, **extra: Any) -> dict[str, Any]:
+    """Record how a stage was launched (job.json), keeping earlier job ids of the same stage."""
+    from harness.fileio import atomic_write_text
+
+    previous = read_job_file(stage_dir)
+    history = list(previous.get("previous_job_ids", []))
+    if previous.get("job_id") and previous.get("job_id") != job_id:
+        history.append(previous["job_id"])
+    info = {"launcher": launcher, "job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "submitted_unix": time.time(), **extra, "previous_job_ids": history}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage_dir / JOB_FILE, json.dumps(info, indent=2, default=str) + "\n")
+    return info
+
+
+def read_job_file(stage_dir: Path) -> dict[str, Any]:
+    path = Path(stage_dir) / JOB_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a torn or foreign file: treat the stage as never launched
+
+
+def check_results_dir(results_dir: str | Path) -> Path:
+    path = Path(results_dir)
+    if path.exists() and not path.is_dir():
+        raise HarnessError(f"results folder {path} is a file; pass --results-dir with a folder")
+    return path

@@ -1,0 +1,126 @@
+"""Submitting stages to SLURM through submitit: single jobs with afterok, or one job array per level.
+
+A level is the set of stages at the same depth (all pretraining stages of a sweep, then all fine-tuning
+stages). As arrays, level d+1 depends on level d element by element (`aftercorr`) when every element's parent
+sits at the same index of one parent array; the level's order is chosen to make that true in the usual
+sweep. Otherwise the whole array waits for the specific parent elements (`afterok:A_1:A_3`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.launch.jobs import StageJob, link_shared_folders, read_job_file, write_job_file
+from harness.launch.specs import SlurmLauncher
+from harness.launch.state import QueueEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmSubmission:
+    """A stage's job: `job_id` is 'A_i' for element i of array A."""
+
+    stage: StageJob
+    job_id: str
+    array_id: str | None = None
+    index: int | None = None
+    handle: Any = None  # the submitit Job (None when the job was submitted by an earlier launch)
+    dependency: str | None = None
+
+
+def order_level(level: list[StageJob], parents: dict[str, SlurmSubmission]) -> list[StageJob]:
+    """Children in the order of their parents' array indices, stages that have children first."""
+    def key(job: StageJob) -> tuple:
+        parent = parents.get(job.parent) if job.parent else None
+        index = parent.index if parent is not None and parent.index is not None else float("inf")
+        return (index, job.children == 0)
+
+    return sorted(level, key=key)  # stable: ties keep plan order
+
+
+def level_dependency(level: list[StageJob], parents: dict[str, SlurmSubmission]) -> str | None:
+    """One dependency string for an ordered level submitted as an array."""
+    waits = [parents.get(job.parent) if job.parent else None for job in level]
+    if all(w is None for w in waits):
+        return None
+    one_to_one = (all(w is not None and w.array_id is not None for w in waits)
+                  and len({w.array_id for w in waits}) == 1
+                  and [w.index for w in waits] == list(range(len(level))))
+    if one_to_one:
+        return f"aftercorr:{waits[0].array_id}"
+    ids = sorted({w.job_id for w in waits if w is not None}, key=_job_sort_key)
+    return "afterok:" + ":".join(ids)
+
+
+def _job_sort_key(job_id: str) -> tuple:
+    head, _, tail = job_id.partition("_")
+    return (int(head) if head.isdigit() else 0, int(tail) if tail.isdigit() else -1, job_id)
+
+
+def still_in_queue(job: StageJob, queue: dict[str, QueueEntry] | None) -> SlurmSubmission | None:
+    """A job submitted by an earlier launch (e.g. with --no-wait) that is still queued or running."""
+    info = read_job_file(job.stage_dir)
+    if queue is None or info.get("launcher") != "slurm" or not info.get("job_id"):
+        return None
+    entry = queue.get(str(info["job_id"]))
+    finished = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+    if entry is None or entry.state in finished:
+        return None
+    return SlurmSubmission(stage=job, job_id=str(info["job_id"]), array_id=info.get("array_job_id"),
+                           index=info.get("array_index"))
+
+
+def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str | Path, arrays: bool,
+                    queue: dict[str, QueueEntry] | None) -> list[SlurmSubmission]:
+    """Submit every unfinished stage (parents first); returns one submission per stage, new or earlier."""
+    import submitit
+
+    from harness.launch.worker import run_stage_job
+
+    folder = Path(spec.log_folder or Path(results_dir) / ".submitit")
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=spec.max_requeues)
+    base = spec.sbatch_parameters()
+    submitted: dict[str, SlurmSubmission] = {}
+    todo = [job for job in jobs if not job.done]
+    for depth in sorted({job.depth for job in todo}):
+        level = []
+        for job in (j for j in todo if j.depth == depth):
+            earlier = still_in_queue(job, queue)
+            if earlier is not None:
+                log.info("stage %s is already in SLURM's queue as job %s", job.stage_id, earlier.job_id)
+                submitted[job.stage_id] = earlier
+            else:
+                level.append(job)
+                link_shared_folders(job)
+        if not level:
+            continue
+        args = lambda job: (job.gin_text, job.stage_id, str(results_dir), spec.max_requeues)  # noqa: E731
+        if arrays and len(level) > 1:
+            level = order_level(level, submitted)
+            dependency = level_dependency(level, submitted)
+            executor.update_parameters(**{**base, "dependency": dependency, "job_name": f"{spec.job_name}-level{depth}"})
+            with executor.batch():
+                handles = [executor.submit(run_stage_job, *args(job)) for job in level]
+            for index, (job, handle) in enumerate(zip(level, handles)):
+                submitted[job.stage_id] = SlurmSubmission(job, handle.job_id, str(handle.job_id).split("_")[0],
+                                                          index, handle, dependency)
+        else:
+            for job in level:
+                parent = submitted.get(job.parent) if job.parent else None
+                dependency = f"afterok:{parent.job_id}" if parent is not None else None
+                executor.update_parameters(**{**base, "dependency": dependency, "job_name": f"{spec.job_name}-{job.name}"})
+                handle = executor.submit(run_stage_job, *args(job))
+                submitted[job.stage_id] = SlurmSubmission(job, str(handle.job_id), handle=handle,
+                                                          dependency=dependency)
+        for job in level:
+            sub = submitted[job.stage_id]
+            write_job_file(job.stage_dir, "slurm", sub.job_id, array_job_id=sub.array_id, array_index=sub.index,
+                           dependency=sub.dependency, experiment=job.experiment, stage=job.name,
+                           stdout=str(sub.handle.paths.stdout), stderr=str(sub.handle.paths.stderr))
+            log.info("submitted stage %s (%s) as SLURM job %s%s", job.name, job.stage_id, sub.job_id,
+                     f" after {sub.dependency}" if sub.dependency else "")
+    return list(submitted.values())

@@ -1,0 +1,131 @@
+"""What runs inside a job: signals -> a stop flag, torch.distributed set-up, the stage, and requeueing.
+
+`run_stage_job` is the function submitit pickles; it receives only strings. Signal handlers only set a flag:
+the trainer checks it at the next step boundary, saves a checkpoint and returns "preempted". Then, on SLURM,
+rank 0 requeues the job (SIGUSR2: time limit or preemption notice), and the requeued job resumes from that
+checkpoint. SIGTERM (scancel, or SLURM requeueing the job itself) also checkpoints, but does not requeue: a
+cancelled job should stay cancelled, and a job SLURM requeues comes back on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from typing import Any, Iterator
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+
+class StopFlag:
+    """A threading.Event-like stop request, agreed across data-parallel ranks.
+
+    Ranks receive a signal at slightly different steps; if rank 0 stopped one step before rank 1, rank 1 would
+    wait forever in the gradient all-reduce. So `is_set()` (which the trainer calls once per step on every
+    rank) all-reduces the local flags: every rank stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.Event()
+        self.signal_name: str | None = None
+
+    def set(self, signal_name: str | None = None) -> None:
+        self.signal_name = self.signal_name or signal_name
+        self._local.set()
+
+    def is_set(self) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self._local.is_set()
+        import torch
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if self._local.is_set() else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag, signals: tuple[str, ...] = ("SIGUSR2", "SIGTERM")) -> Iterator[None]:
+    """Route the signals to `flag` for the duration (only possible on the main thread; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for name in signals:
+        signum = getattr(signal, name)
+        previous[signum] = signal.signal(signum, lambda num, _frame: flag.set(signal.Signals(num).name))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def distributed_from_env() -> Iterator[tuple[int, int]]:
+    """Initialise torch.distributed when the job has several tasks; yields (rank, world_size).
+
+    Inside a submitit job (SLURM or local) with several tasks, submitit's TorchDistributedEnvironment exports
+    the rendezvous variables; under `torchrun` they are already set. A single task initialises nothing.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if os.environ.get("SUBMITIT_EXECUTOR") and "WORLD_SIZE" not in os.environ:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def slurm_restarts() -> int:
+    """How many times SLURM has already restarted this job (0 on the first run)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def requeue_this_job() -> None:
+    job_id = os.environ["SLURM_JOB_ID"]  # an array element has its own id too
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+
+
+def run_stage_job(gin_text: str, stage_id: str, results_dir: str, max_requeues: int = 3) -> dict[str, Any]:
+    """The job body: run (or resume) one stage; on SLURM, requeue it when it was asked to stop."""
+    from harness.stage import run_stage
+
+    flag = StopFlag()
+    with stop_on_signals(flag), distributed_from_env() as (rank, _world):
+        result = run_stage(gin_text, stage_id, results_dir, stop_event=flag)
+    if result.get("status") != "preempted":
+        return result
+    result["signal"] = flag.signal_name
+    in_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+    if not in_slurm or rank != 0 or flag.signal_name != "SIGUSR2":
+        return result  # inline/local: a later `harness run` resumes; SIGTERM: SLURM decides
+    restarts = slurm_restarts()
+    if restarts >= max_requeues:
+        raise HarnessError(f"stage {stage_id} was stopped by SLURM after {restarts} requeues "
+                           f"(SlurmLauncher.max_requeues = {max_requeues}); its checkpoint is kept: raise "
+                           "max_requeues or the time limit, and launch again to resume")
+    log.warning("stage %s stopped at step %s on %s; requeueing job %s (restart %d of at most %d)", stage_id,
+                result.get("step"), flag.signal_name, os.environ["SLURM_JOB_ID"], restarts + 1, max_requeues)
+    requeue_this_job()
+    # Leave without a result file, as submitit does after a requeue: the requeued run writes the real one.
+    raise SystemExit(0)
