@@ -35,12 +35,33 @@ def generate(source: str, num_images: int, resolution: int, seed: int = 0) -> np
     if source not in SOURCES:
         raise ValueError(f"unknown embedded source {source!r}; choose one of {SOURCES}")
     draw = _draw_shapes if source == "shapes" else _draw_faces
-    chunks = []
-    for chunk in range((num_images + CHUNK - 1) // CHUNK):
-        rng = np.random.default_rng([seed, chunk])
-        chunks.append(draw(rng, CHUNK, resolution))
-    images = np.concatenate(chunks)[:num_images] if chunks else np.zeros((0, resolution, resolution, 3))
-    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    images = np.zeros((num_images, resolution, resolution, 3), np.uint8)
+    for start in range(0, num_images, CHUNK):
+        n = min(CHUNK, num_images - start)
+        drawn = draw(_ChunkRng(np.random.default_rng([seed, start // CHUNK]), n), n, resolution)
+        images[start:start + n] = np.clip(np.rint(drawn * 255.0), 0, 255)
+    return images
+
+
+class _ChunkRng:
+    """Draws each parameter for a whole chunk and keeps the first `n`, so image i never depends on n."""
+
+    def __init__(self, rng: np.random.Generator, n: int):
+        self.rng, self.n = rng, n
+
+    def _draw(self, method, a, b, size) -> np.ndarray:
+        size = (size,) if isinstance(size, int) else tuple(size)
+        assert size[0] == self.n, "every draw is one value (or row) per image"
+        return method(a, b, (CHUNK, *size[1:]))[:self.n]
+
+    def uniform(self, low, high, size):
+        return self._draw(self.rng.uniform, low, high, size)
+
+    def normal(self, mean, std, size):
+        return self._draw(self.rng.normal, mean, std, size)
+
+    def integers(self, low, high, size):
+        return self._draw(self.rng.integers, low, high, size)
 
 
 # ---------------------------------------------------------------------------------------------- primitives
@@ -82,14 +103,15 @@ def _gradient(rng, n, x, y, low: float, high: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- shapes
-def _draw_shapes(rng: np.random.Generator, n: int, resolution: int) -> np.ndarray:
+def _draw_shapes(rng: _ChunkRng, n: int, resolution: int) -> np.ndarray:
     x, y = _grid(resolution)
     image = _gradient(rng, n, x, y, 0.15, 0.85)
     count = rng.integers(1, 4, n)  # one to three shapes per image
     for slot in range(3):
         kind = rng.integers(0, 3, n)  # 0 disc, 1 square, 2 triangle
         size = rng.uniform(0.12, 0.28, n)  # radius / half-side, as a fraction of the image
-        cx, cy = rng.uniform(size, 1 - size), rng.uniform(size, 1 - size)
+        cx = size + rng.uniform(0, 1, n) * (1 - 2 * size)  # the whole shape stays inside the image
+        cy = size + rng.uniform(0, 1, n) * (1 - 2 * size)
         angle = rng.uniform(0, 2 * np.pi, n)
         colour = _SHAPE_COLOURS[rng.integers(0, len(_SHAPE_COLOURS), n)]
         # Rotate the pixel grid into each shape's own frame.
@@ -109,7 +131,7 @@ def _draw_shapes(rng: np.random.Generator, n: int, resolution: int) -> np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------- faces
-def _draw_faces(rng: np.random.Generator, n: int, resolution: int) -> np.ndarray:
+def _draw_faces(rng: _ChunkRng, n: int, resolution: int) -> np.ndarray:
     x, y = _grid(resolution)
     image = _gradient(rng, n, x, y, 0.25, 0.9)
     skin = _mix(rng, _SKIN, n)
@@ -165,7 +187,7 @@ def _draw_faces(rng: np.random.Generator, n: int, resolution: int) -> np.ndarray
     return image
 
 
-def _mix(rng: np.random.Generator, palette: np.ndarray, n: int) -> np.ndarray:
+def _mix(rng: _ChunkRng, palette: np.ndarray, n: int) -> np.ndarray:
     """Colours between two neighbouring palette entries, so the family is continuous rather than 6 clusters."""
     i = rng.integers(0, len(palette) - 1, n)
     t = rng.uniform(0, 1, (n, 1)).astype(np.float32)

@@ -1,0 +1,228 @@
+"""Datasets: embedded generators, image folders, subsets, content ids, errors, PNG export and the gin files."""
+from __future__ import annotations
+
+import importlib.util  # noqa: F401  (gin 0.5.0 needs it imported before parsing)
+import json
+import os
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.data import DataConfig, choose_subset, list_images, write_png_folder
+from harness.errors import HarnessError
+
+GIN_DATA = Path(__file__).resolve().parent.parent / "gin" / "data"
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"lossless": True} if path.suffix == ".webp" else {}
+    Image.fromarray(pixels.astype(np.uint8)).save(path, **options)
+    return path
+
+
+def solid(h: int, w: int, rgb) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3)).copy()
+
+
+def random_folder(root: Path, n: int, size: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        save(root / f"img{i:02d}.png", rng.integers(0, 256, (size, size, 3)))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- embedded
+@pytest.mark.parametrize("source", ["shapes", "faces"])
+def test_embedded_items_shape_range_and_structure(source):
+    data = DataConfig(source=source, resolution=32, num_images=64).build()
+    assert len(data) == 64
+    item = data[3]
+    assert item.shape == (3, 32, 32) and item.dtype == torch.float32
+    batch = data.get_batch(range(64))
+    assert batch.min() >= -1.0 and batch.max() <= 1.0
+    assert batch.min() < -0.6 and batch.max() > 0.6  # uses the range, not a grey blur
+    # Real structure, not noise: neighbouring pixels are far closer than random pairs of pixels.
+    neighbour = (batch[..., 1:] - batch[..., :-1]).abs().mean()
+    shuffled = batch.flatten()[torch.randperm(batch.numel(), generator=torch.Generator().manual_seed(0))]
+    random_pairs = (batch.flatten() - shuffled).abs().mean()
+    assert neighbour < 0.25 * random_pairs
+    # Images differ from one another.
+    assert (batch[0] - batch[1]).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("source", ["shapes", "faces"])
+def test_embedded_generator_is_deterministic_and_prefix_stable(source):
+    a = DataConfig(source=source, num_images=1100, seed=7).build()
+    b = DataConfig(source=source, num_images=1100, seed=7).build()
+    assert torch.equal(a.get_batch(range(1100)), b.get_batch(range(1100)))
+    # Images do not depend on how many were asked for (they are drawn in seeded chunks).
+    small = DataConfig(source=source, num_images=5, seed=7).build()
+    assert torch.equal(small.get_batch(range(5)), a.get_batch(range(5)))
+    assert torch.equal(a.get_batch([1050]), DataConfig(source=source, num_images=1051, seed=7).build().get_batch([1050]))
+    other = DataConfig(source=source, num_images=5, seed=8).build()
+    assert (other.get_batch(range(5)) - small.get_batch(range(5))).abs().mean() > 0.05
+
+
+def test_embedded_resolutions():
+    for resolution in (16, 64):
+        assert DataConfig(source="faces", resolution=resolution, num_images=3).build()[0].shape == \
+            (3, resolution, resolution)
+
+
+# ---------------------------------------------------------------------------------------------- flips
+def test_get_batch_flip_is_driven_by_the_generator():
+    data = DataConfig(num_images=32, hflip=True).build()
+    plain = data.get_batch(range(32))
+    f1 = data.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True)
+    f2 = data.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True)
+    assert torch.equal(f1, f2)
+    expected = torch.rand(32, generator=torch.Generator().manual_seed(3)) < 0.5
+    for i in range(32):
+        assert torch.equal(f1[i], plain[i].flip(-1) if expected[i] else plain[i])
+    assert 0 < int(expected.sum()) < 32
+    # hflip=False in the config: never mirrored, even when asked; __getitem__ never mirrors.
+    no_flip = DataConfig(num_images=32, hflip=False).build()
+    assert torch.equal(no_flip.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True), plain)
+    assert torch.equal(data[5], plain[5])
+
+
+# ---------------------------------------------------------------------------------------------- subsets
+def test_subset_is_deterministic_and_recorded(tmp_path):
+    full = DataConfig(num_images=200)
+    a = DataConfig(num_images=200, subset=20, subset_seed=1)
+    assert a.names() == DataConfig(num_images=200, subset=20, subset_seed=1).names()
+    assert a.names() != DataConfig(num_images=200, subset=20, subset_seed=2).names()
+    assert len(a.names()) == 20 and set(a.names()) <= set(full.names())
+    built = a.build()
+    positions = [int(name.split("/")[1]) for name in built.names]
+    assert torch.equal(built.get_batch(range(20)), full.build().get_batch(positions))
+    a.write_manifest(tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"] == built.names and manifest["count"] == 20
+    assert manifest["content_id"] == a.content_id() and manifest["config"]["subset_seed"] == 1
+    assert choose_subset(10, 10, 0) == list(range(10))
+
+
+def test_subset_larger_than_dataset_is_an_error(tmp_path):
+    random_folder(tmp_path / "d", 3)
+    with pytest.raises(HarnessError, match="only 3 images"):
+        DataConfig(source="folder", root=str(tmp_path / "d"), resolution=16, subset=4).build()
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def test_folder_values_recursive_listing_and_crop(tmp_path):
+    root = tmp_path / "imgs"
+    save(root / "b" / "red.png", solid(8, 8, (255, 0, 0)))
+    save(root / "a.JPG", solid(8, 8, (0, 0, 255)))
+    # 12x8 image: 2 green columns on each side of a white 8x8 centre; the centre crop keeps only white.
+    wide = solid(8, 12, (0, 255, 0))
+    wide[:, 2:10] = 255
+    save(root / "c" / "d" / "wide.webp", wide)
+    (root / "notes.txt").write_text("not an image")
+    assert list_images(root) == ["a.JPG", "b/red.png", "c/d/wide.webp"]
+
+    data = DataConfig(source="folder", root=str(root), resolution=8, hflip=False).build()
+    assert data.names == ["a.JPG", "b/red.png", "c/d/wide.webp"]
+    red = data[1]
+    assert red.shape == (3, 8, 8)
+    assert torch.allclose(red[0], torch.ones(8, 8)) and torch.allclose(red[1:], -torch.ones(2, 8, 8))
+    assert torch.allclose(data[2], torch.ones(3, 8, 8), atol=1e-6)  # green edges cropped away
+    # Resizing the shorter side: a 16x16 red image becomes an 8x8 red one.
+    save(root / "big.png", solid(16, 16, (255, 0, 0)))
+    data = DataConfig(source="folder", root=str(root), resolution=8).build()
+    assert torch.allclose(data[data.names.index("big.png")][0], torch.ones(8, 8))
+
+
+def test_folder_errors_name_the_folder_or_file(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(HarnessError, match="nowhere.*does not exist.*harness prepare"):
+        DataConfig(source="folder", root=str(missing)).check()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HarnessError, match="empty.*has no images.*harness prepare"):
+        DataConfig(source="folder", root=str(tmp_path / "empty")).check()
+    with pytest.raises(HarnessError, match="needs DataConfig.root"):
+        DataConfig(source="folder")
+    with pytest.raises(HarnessError, match="not known"):
+        DataConfig(source="imagenet")
+
+    corrupt = random_folder(tmp_path / "corrupt", 2)
+    (corrupt / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(HarnessError, match="broken.png"):
+        DataConfig(source="folder", root=str(corrupt), resolution=16).build()
+
+    mixed = random_folder(tmp_path / "mixed", 2, size=16)
+    save(mixed / "odd.png", solid(16, 20, (1, 2, 3)))
+    with pytest.raises(HarnessError, match="odd.png is 20x16.*center_crop"):
+        DataConfig(source="folder", root=str(mixed), resolution=16, center_crop=False).build()
+    with pytest.raises(HarnessError, match="img00.png is 16x16.*resolution=8"):
+        DataConfig(source="folder", root=str(random_folder(tmp_path / "ok", 2)), resolution=8,
+                   center_crop=False).build()
+    # With resizing on, mixed sizes are fine.
+    assert len(DataConfig(source="folder", root=str(mixed), resolution=16).build()) == 3
+
+
+def test_unfinished_prepare_output_is_refused(tmp_path):
+    random_folder(tmp_path / "half", 2)
+    (tmp_path / "half" / ".prepare-progress.json").write_text("{}")
+    with pytest.raises(HarnessError, match="never finished"):
+        DataConfig(source="folder", root=str(tmp_path / "half")).check()
+
+
+def test_content_id_tracks_files_and_settings(tmp_path):
+    root = random_folder(tmp_path / "d", 3)
+    cfg = DataConfig(source="folder", root=str(root), resolution=16)
+    first = cfg.content_id()
+    assert first == DataConfig(source="folder", root=str(root), resolution=16).content_id()
+    assert first != DataConfig(source="folder", root=str(root), resolution=8).content_id()
+    assert first != DataConfig(source="folder", root=str(root), resolution=16, subset=2).content_id()
+    save(root / "img01.png", solid(16, 16, (9, 9, 9)))  # same name, new content
+    second = cfg.content_id()
+    assert second != first
+    os.utime(root / "img02.png", ns=(1, 1))
+    assert cfg.content_id() != second
+    assert DataConfig(seed=1).content_id() != DataConfig(seed=2).content_id()
+    assert DataConfig(source="faces").content_id() != DataConfig(source="shapes").content_id()
+    assert DataConfig(seed=1).content_id() == DataConfig(seed=1, hflip=False).content_id()  # flips: training only
+
+
+# ---------------------------------------------------------------------------------------------- export
+def test_write_png_folder_round_trips_pixels(tmp_path):
+    data = DataConfig(source="faces", num_images=10).build()
+    assert write_png_folder(data, tmp_path / "png", limit=6) == 6
+    files = sorted((tmp_path / "png").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(6)]
+    for i, f in enumerate(files):
+        pixels = torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(pixels, data[i], atol=1e-6)
+    assert write_png_folder(DataConfig(num_images=4), tmp_path / "cfg") == 4
+
+
+# ---------------------------------------------------------------------------------------------- gin files
+@pytest.mark.parametrize("name,source,resolution,macro", [
+    ("shapes32", "shapes", 32, None), ("faces32", "faces", 32, None),
+    ("celebahq256", "folder", 256, "CELEBAHQ_ROOT"), ("celebahq256_3k", "folder", 256, "CELEBAHQ_ROOT"),
+    ("celeba64", "folder", 64, "CELEBA_ROOT"), ("vggface2_256", "folder", 256, "VGGFACE2_ROOT")])
+def test_gin_data_files(name, source, resolution, macro, tmp_path):
+    gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DATA.parent))
+    try:
+        gin.parse_config_files_and_bindings([str(GIN_DATA / f"{name}.gin")], [], finalize_config=False)
+        cfg = DataConfig()
+        assert (cfg.source, cfg.resolution) == (source, resolution)
+        if macro is None:
+            assert len(DataConfig(num_images=8).build()) == 8
+            return
+        assert cfg.root.startswith("data/")  # a relative default: dry-runs work without the data
+        assert cfg.subset == (3000 if name.endswith("_3k") else None)
+        with pytest.raises(HarnessError, match="harness prepare"):
+            cfg.check()
+        random_folder(tmp_path / "imgs", 2)
+        gin.parse_config_files_and_bindings([], [f"{macro} = '{tmp_path / 'imgs'}'"], finalize_config=False)
+        DataConfig().check()  # the macro reaches the root
+    finally:
+        gin.clear_config()
