@@ -163,9 +163,10 @@ class BlockMask(Mask):
         return self.num_blocks(grid) * self.block_size**2
 
     def sample(self, batch, grid, generator=None, device=None) -> torch.Tensor:
+        count = self.num_blocks(grid)  # validates first
         b = self.block_size
         side = grid // b  # blocks per side
-        blocks = _choose(batch, side * side, self.num_blocks(grid), generator, _draw_device(generator, device))
+        blocks = _choose(batch, side * side, count, generator, _draw_device(generator, device))
         # [batch, side, side] -> every block covers b x b patches of the [grid, grid] patch grid
         mask = blocks.view(batch, side, 1, side, 1).expand(batch, side, b, side, b).reshape(batch, grid * grid)
         return mask.to(device) if device is not None else mask
