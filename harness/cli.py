@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         if args.debug:
             raise
-        print(f"harness {args.command}: error: {err}", file=sys.stderr)
+        # gin appends "In call to configurable ..." lines to exceptions raised inside configurables; the
+        # first line is ours and says it all (--debug shows the rest).
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"harness {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"harness {args.command}: interrupted", file=sys.stderr)

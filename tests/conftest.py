@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny recipe that trains in seconds on the embedded data."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TINY_RECIPE = textwrap.dedent("""
+    include 'backbones/uvit_tiny.gin'
+    include 'schedules/cosine.gin'
+    include 'masks/block2.gin'
+    MASK_RATIO = 0.75
+    DataConfig.source = 'shapes'
+    DataConfig.num_images = 128
+    Stage.batch_size = 8
+    Stage.log_every = 2
+    Stage.checkpoint_every = 4
+    Stage.keep_checkpoints = 3
+    Stage.num_sample_images = 4
+    Stage.sample_steps = 3
+    pretrain/Stage.mask = @BlockMask()
+    pretrain/Stage.steps = 8
+    finetune/Stage.steps = 4
+    scratch/Stage.steps = 12
+    Experiment.name = 'tiny'
+    Experiment.arms = {'scratch': [@scratch/Stage()], 'two_stage': [@pretrain/Stage(), @finetune/Stage()]}
+""")
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.gin"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep converted Inception weights and FID statistics in one cache per test session, not in ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "harness-cache"
+    monkeypatch.setenv("MASKDM_HARNESS_CACHE", str(cache))

@@ -1,0 +1,154 @@
+"""The engine: plans and stage ids, strict parent loading, resume equivalence, shipped recipes, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+from harness.cli import main as cli_main
+from harness.config import RECIPES_DIR, load_recipe
+from harness.errors import HarnessError
+from harness.experiment import plan_from_gin
+from harness.stage import run_stage
+
+
+def _plan(recipe: Path, *bindings: str):
+    text = load_recipe(recipe, list(bindings))
+    return text, plan_from_gin()
+
+
+def test_stage_ids_are_stable_and_follow_config_changes(tiny_recipe):
+    _, plan_a = _plan(tiny_recipe)
+    _, plan_b = _plan(tiny_recipe)
+    assert list(plan_a.stages) == list(plan_b.stages)
+
+    ids = {ps.name: sid for sid, ps in plan_a.stages.items()}
+    _, changed = _plan(tiny_recipe, "pretrain/Stage.steps = 9")
+    new = {ps.name: sid for sid, ps in changed.stages.items()}
+    assert new["scratch"] == ids["scratch"]  # untouched arm keeps its id
+    assert new["pretrain"] != ids["pretrain"]
+    assert new["finetune"] != ids["finetune"]  # a child changes with its parent
+    assert changed.stages[new["finetune"]].parent == new["pretrain"]
+
+
+def test_shared_stage_is_planned_once(tiny_recipe):
+    text = tiny_recipe.read_text().replace(
+        "Experiment.arms = {", "Experiment.arms = {'two_stage_b': [@pretrain/Stage(), @finetune2/Stage()], ")
+    text += "\nfinetune2/Stage.steps = 6\n"
+    tiny_recipe.write_text(text)
+    _, plan = _plan(tiny_recipe)
+    pretrain = [ps for ps in plan.stages.values() if ps.name == "pretrain"]
+    assert len(pretrain) == 1
+    assert sorted(pretrain[0].arms) == ["two_stage", "two_stage_b"]
+    assert plan.arms["two_stage"][0] == plan.arms["two_stage_b"][0]
+
+
+def test_two_stage_run_writes_run_folders_and_loads_parent(tiny_recipe, tmp_path):
+    text, plan = _plan(tiny_recipe)
+    results = tmp_path / "results"
+    pre, fine = plan.arms["two_stage"]
+    with pytest.raises(HarnessError, match="parent"):
+        run_stage(text, fine, results)  # the parent is not trained yet
+    assert run_stage(text, pre, results)["status"] == "done"
+    assert run_stage(text, pre, results)["status"] == "skipped"
+    out = run_stage(text, fine, results)
+    assert out["status"] == "done" and out["step"] == 4
+    folder = plan.stage_dir(results, fine)
+    for name in ("DONE", "config.gin", "stage.json", "metrics.jsonl", "cost.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "samples" / "step_0000004.png").is_file()
+    assert json.loads((folder / "stage.json").read_text())["parent"] == pre
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    cost = json.loads((folder / "cost.json").read_text())
+    assert cost["images_seen"] == 4 * 8 and cost["steps"] == 4
+
+
+def test_parent_of_another_architecture_is_refused(tiny_recipe, tmp_path):
+    results = tmp_path / "results"
+    text, plan = _plan(tiny_recipe)
+    pre, fine = plan.arms["two_stage"]
+    run_stage(text, pre, results)
+    # Replace the parent's checkpoint by one of a wider model: fine-tuning must stop, not start from scratch.
+    ckpt = newest_valid_checkpoint(plan.stage_dir(results, pre) / "checkpoints")
+    state = load_checkpoint(ckpt)
+    state["model"]["pos_embed"] = torch.zeros(1, 3, 3)
+    from harness.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt.parent, 8, state)
+    with pytest.raises(HarnessError, match="shape mismatch: pos_embed"):
+        run_stage(text, fine, results)
+
+
+def test_resume_gives_the_same_weights_as_one_straight_run(tiny_recipe, tmp_path):
+    text, plan = _plan(tiny_recipe)
+    scratch = plan.arms["scratch"][0]
+    straight = tmp_path / "straight"
+    run_stage(text, scratch, straight)
+
+    # Interrupted: stop after step 4 (a checkpoint), then run again from it.
+    class StopAt:
+        def __init__(self):
+            self.calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 4
+
+    resumed = tmp_path / "resumed"
+    assert run_stage(text, scratch, resumed, stop_event=StopAt())["status"] == "preempted"
+    assert not (plan.stage_dir(resumed, scratch) / "DONE").exists()
+    assert run_stage(text, scratch, resumed)["status"] == "done"
+
+    a = load_checkpoint(newest_valid_checkpoint(plan.stage_dir(straight, scratch) / "checkpoints"))
+    b = load_checkpoint(newest_valid_checkpoint(plan.stage_dir(resumed, scratch) / "checkpoints"))
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+    steps = [json.loads(l)["step"] for l in (plan.stage_dir(resumed, scratch) / "metrics.jsonl").open()]
+    assert steps == sorted(set(steps))  # no duplicated rows after the resume
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES_DIR.glob("*.gin")))
+def test_every_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
+    assert cli_main(["run", str(RECIPES_DIR / recipe), "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pending" in out
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("Stagee.steps = 3", "No configurable matching 'Stagee'"),
+    ("Stage.stepz = 3", "doesn't have a parameter named 'stepz'"),
+    ("Stage.steps = ", "Unable to parse"),
+    ("Stage.precision = 'fp8'", "precision"),
+    ("Experiment.name = '../escape'", "not allowed"),
+    ("Experiment.arms = {}", "declares no arms"),
+    ("BlockMask.block_size = 3", "block"),
+])
+def test_bad_recipes_fail_in_one_line_with_status_2(tiny_recipe, tmp_path, capsys, binding, message):
+    results = tmp_path / "results"
+    code = cli_main(["run", str(tiny_recipe), "--gin", binding, "--dry-run", "--results-dir", str(results)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not results.exists()  # nothing written
+
+
+def test_missing_macro_is_named(tiny_recipe, tmp_path, capsys):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("MASK_RATIO = 0.75", ""))
+    code = cli_main(["run", str(tiny_recipe), "--dry-run", "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "%MASK_RATIO" in capsys.readouterr().err
+
+
+def test_missing_data_folder_fails_before_training(tmp_path, capsys):
+    code = cli_main(["run", "celebahq_mask90", "--gin", f"CELEBAHQ_ROOT = '{tmp_path / 'nowhere'}'",
+                     "--results-dir", str(tmp_path / "results"), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nowhere" in err and "harness prepare" in err
+    assert not list((tmp_path / "results").rglob("checkpoints"))
