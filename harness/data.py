@@ -1,9 +1,10 @@
 """Datasets: image folders, prepared datasets, deterministic subsets and the embedded procedural datasets.
 
 `DataConfig` is the gin-configurable spec (plain data, cheap); `DataConfig.build()` makes an `ImageDataset`,
-a torch Dataset of float32 [C, H, W] images in [-1, 1]. Trainers should call `get_batch(indices, generator)`,
-which gathers a whole batch at once and applies the random horizontal flip from the given torch generator, so
-training is reproducible; `__getitem__` never flips (evaluation and FID references see the images as they are).
+a torch Dataset of float32 [C, H, W] images in [-1, 1]. Trainers call `get_batch(indices)`, which gathers a
+whole batch at once (one array lookup for embedded and .npy data); `get_batch(indices, generator, flip=True)`
+also mirrors half of them at random, drawn from the given torch generator so training stays reproducible.
+`__getitem__` never flips: evaluation and FID references see the images as they are.
 
 Sources:
 - `shapes`, `faces`: procedural images generated in memory from `seed` (see harness/embedded.py).
