@@ -28,6 +28,7 @@ from harness.results import collect, find_experiments, load_plan, write_records,
 BUDGETS = {"steps": ("total_steps", "total steps"), "images": ("images_seen", "images seen"),
            "flops": ("train_flops", "training FLOPs"), "hours": ("device_hours", "device-hours")}
 PLOTTED = ("hours", "flops", "images")
+_LABEL_PRIORITY = ("mask_ratio", "mask", "steps", "batch_size", "lr", "model", "data")
 _REL_TOL = 1e-9  # budgets equal up to float noise count as "at or below"
 
 
@@ -106,12 +107,23 @@ def _group_labels(plans: dict[str, dict]) -> dict[tuple[str, str], str]:
     labels = {}
     for (member, arm), sig in signatures.items():
         same_name = [s for (m, a), s in signatures.items() if a == arm]
-        differing = sorted(k for k in set().union(*same_name) if len({json.dumps(s.get(k)) for s in same_name}) > 1)
+        differing = [k for k in sig if len({s.get(k) for s in same_name}) > 1]
         if not differing:
             labels[(member, arm)] = arm
-        else:
-            shown = ", ".join(f"{k}={json.loads(sig[k]) if k in sig else None}" for k in differing[:3])
-            labels[(member, arm)] = f"{arm} [{shown}{', ...' if len(differing) > 3 else ''}]"
+            continue
+        # what a sweep usually varies first, then the stage order of the arm
+        differing.sort(key=lambda k: _LABEL_PRIORITY.index(k.rsplit(".", 1)[1])
+                       if k.rsplit(".", 1)[1] in _LABEL_PRIORITY else len(_LABEL_PRIORITY))
+        shown = ", ".join(f"{k}={json.loads(sig[k])}" for k in differing[:2])
+        labels[(member, arm)] = f"{arm} [{shown}{', ...' if len(differing) > 2 else ''}]"
+    # a shortened label must not merge two different configurations: spell those out in full
+    by_label: dict[str, set[str]] = {}
+    for key, label in labels.items():
+        by_label.setdefault(label, set()).add(json.dumps(signatures[key], sort_keys=True))
+    for (member, arm), label in labels.items():
+        if len(by_label[label]) > 1:
+            sig = signatures[(member, arm)]
+            labels[(member, arm)] = f"{arm} [" + ", ".join(f"{k}={json.loads(v)}" for k, v in sig.items()) + "]"
     return labels
 
 

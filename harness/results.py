@@ -43,8 +43,8 @@ METRIC_ALIASES = {
     "inception_score_std": "isc_std",
 }
 # eval.jsonl keys that describe the evaluation rather than measure the model
-_EVAL_CONTEXT_KEYS = {"step", "n_samples", "sampler", "sampler_steps", "eta", "reference", "sample_seconds",
-                      "score_seconds", "time", "steps", *COST_KEYS}
+_EVAL_CONTEXT_KEYS = {"step", "n_samples", "n_reference", "sampler", "sampler_steps", "eta", "reference", "seed",
+                      "kid_subset_size", "sample_seconds", "score_seconds", "time", "steps", *COST_KEYS}
 
 COLUMNS = [
     "experiment", "arm", "stage", "stage_id", "parent_id", "stage_index", "stage_dir", "status", "seed", "mask",

@@ -1,0 +1,181 @@
+"""The comparison report: matched-budget cells, relative change, pooled seeds, partial runs, files, CLI."""
+from __future__ import annotations
+
+import base64
+import math
+import re
+
+import pytest
+
+from fixtures.synthetic_runs import StageSpec, SyntheticExperiment, add_partial_arm, standard_experiment
+from harness.cli import main as cli_main
+from harness.report import (budget_levels, build_report, final_table, fmt_relative, load_data, matched_table,
+                            pooled_cell, to_html, write_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def evals_of(data, metric="fid"):
+    return data.records[data.records.metric == metric].dropna(subset=["value"])
+
+
+def rows_at(table, level: str, arm: str) -> list[str]:
+    hit = [r for r in table.rows if r[0] == level and r[2].split(" (")[0] == arm]
+    assert len(hit) == 1, table.rows
+    return hit[0]
+
+
+def test_relative_change_is_formatted_like_the_paper():
+    assert fmt_relative(54.0, 100.0) == "-46.0%"
+    assert fmt_relative(20.0, 30.0) == "-33.3%"
+    assert fmt_relative(45.0, 30.0) == "+50.0%"
+    assert fmt_relative(math.nan, 30.0) == "—"
+
+
+def test_budget_levels_are_reference_evals_plus_each_final(tmp_path):
+    data = load_data([standard_experiment(tmp_path).dir])
+    levels = budget_levels(evals_of(data), "scratch", "device_hours")
+    assert [x for x, _ in levels] == pytest.approx([0.025, 0.05, 0.07, 0.075, 0.1])
+    assert levels[2][1] == ["two_stage final"]
+    assert levels[4][1] == ["scratch eval", "scratch final"]
+
+
+@pytest.mark.parametrize("column, level, stage_step, fid, spent", [
+    ("device_hours", 0.05, "finetune@250", 40, 0.045),  # 0.045 h <= 0.05 h; 0.07 h is over
+    ("device_hours", 0.025, "pretrain@1000", 200, 0.02),  # only the pretraining fits
+    ("train_flops", 75_000, "finetune@500", 20, 70_000),
+    ("images_seen", 10_000, "pretrain@1000", 200, 10_000),  # exactly at the level counts
+    ("total_steps", 1_499, "finetune@250", 40, 1_250),
+    ("total_steps", 1_000, "pretrain@1000", 200, 1_000),
+])
+def test_matched_budget_takes_the_eval_nearest_at_or_below(tmp_path, column, level, stage_step, fid, spent):
+    data = load_data([standard_experiment(tmp_path).dir])
+    cell = pooled_cell(data, evals_of(data), "two_stage", column, level, "kid")
+    assert (cell.where, cell.mean, cell.n) == (stage_step, fid, 1)
+    assert cell.budget == pytest.approx(spent)
+    assert cell.kid == pytest.approx(0.2 if fid == 200 else fid / 1000)
+
+
+def test_no_eval_within_the_budget_is_an_empty_cell(tmp_path):
+    data = load_data([standard_experiment(tmp_path).dir])
+    cell = pooled_cell(data, evals_of(data), "two_stage", "total_steps", 750, None)
+    assert cell.n == 0 and math.isnan(cell.mean)
+    table, _ = matched_table(data, "fid", "steps")
+    assert rows_at(table, "750", "two_stage")[3:] == ["—"] * 5
+
+
+def test_matched_table_answers_which_arm_is_lower_and_by_how_much(tmp_path):
+    data = load_data([standard_experiment(tmp_path).dir])
+    table, conclusions = matched_table(data, "fid", "hours")
+    row = rows_at(table, "0.075 h", "two_stage")
+    assert row[3:] == ["finetune@500", "0.07 h", "20.00", "0.0200", "-50.0%"]
+    assert rows_at(table, "0.075 h", "scratch")[3:] == ["train@750", "0.075 h", "40.00", "0.0400", "—"]
+    assert rows_at(table, "0.07 h", "scratch")[3:6] == ["train@500", "0.05 h", "60.00"]
+    assert any("scratch's full budget (0.1 h): two_stage FID 20.00 vs scratch 30.00 -> -33.3% (two_stage lower)"
+               in c for c in conclusions)
+    assert any("two_stage's full budget (0.07 h)" in c and "-66.7%" in c for c in conclusions)
+
+
+def test_final_table_includes_pretraining_cost(tmp_path):
+    data = load_data([standard_experiment(tmp_path).dir])
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert rows["two_stage"] == ["two_stage", "done", "finetune@500", "1,500", "15k", "70k", "0.07 h", "20.00",
+                                 "-33.3%"]
+    assert rows["scratch"][-2:] == ["30.00", "—"]
+
+
+def test_seeds_of_one_arm_are_pooled_with_mean_std_and_count(tmp_path):
+    sweep = tmp_path / "sweep"
+    dirs = [standard_experiment(sweep, f"seed{s}", seed=s, fid_shift=2.0 * s).dir for s in (0, 1, 2)]
+    data = load_data(dirs)
+    assert sorted(set(data.records.group)) == ["scratch", "two_stage"]
+    cell = pooled_cell(data, evals_of(data), "scratch", "device_hours", 0.1, None)
+    assert (cell.mean, cell.n) == (32.0, 3)  # 30, 32, 34
+    assert cell.std == pytest.approx(2.0)
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert rows["two_stage"][7] == "22.00 ± 2.00 (n=3)"
+    assert rows["two_stage"][8] == fmt_relative(22.0, 32.0)
+
+
+def test_same_arm_with_another_config_is_not_pooled_as_a_seed(tmp_path):
+    sweep = tmp_path / "sweep"
+    a = standard_experiment(sweep, "a")
+    b = SyntheticExperiment(sweep, "b")
+    pre = b.stage("bpretrain0000000", StageSpec(["two_stage"], "pretrain", None, 1000, 10, mask="block4",
+                                                mask_ratio=0.5))
+    b.evaluate(pre, 1000, 90.0)
+    data = load_data([a.dir, b.dir])
+    groups = set(data.records.group)
+    assert "scratch" in groups
+    # the differing setting that matters most comes first in the label
+    assert "two_stage [pretrain.mask_ratio=0.5]" in groups
+    assert any(g.startswith("two_stage [pretrain.mask_ratio=0.875, finetune.") for g in groups)
+    assert len(groups) == 3
+
+
+def test_partial_results_are_marked(tmp_path):
+    exp = standard_experiment(tmp_path)
+    pre, _ = add_partial_arm(exp)
+    data = load_data([exp.dir])
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert rows["mask50"][1] == "running" and rows["mask50"][2] == "pretrain@500"
+    table, _ = matched_table(data, "fid", "hours")
+    assert rows_at(table, "0.1 h", "mask50")[2] == "mask50 (running)"
+
+    exp.fail(pre)
+    data = load_data([exp.dir])
+    assert {r[0]: r for r in final_table(data, "fid").rows}["mask50"][1] == "failed"
+    table, _ = matched_table(data, "fid", "hours")
+    assert rows_at(table, "0.1 h", "mask50")[2] == "mask50 (failed)"
+
+
+def test_an_arm_without_evaluations_gets_dashes(tmp_path):
+    exp = SyntheticExperiment(tmp_path, "fresh")
+    exp.stage("onlypending00000", StageSpec(["baseline"], "train", None, 100, 4))
+    data = load_data([exp.dir])
+    assert data.reference == "baseline"  # no 'scratch' arm: the first arm is the reference
+    report = build_report(data, "fresh")
+    assert report.tables[0].rows == [["baseline", "pending"] + ["—"] * 7]
+    assert "No 'fid' evaluations yet" in report.summary[0]
+
+
+def test_html_is_self_contained_with_its_figures(tmp_path):
+    exp = standard_experiment(tmp_path)
+    add_partial_arm(exp)
+    [html_path] = write_report(exp.dir, show=False)
+    html = html_path.read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
+    assert [name for name, _ in images] == ["fid_vs_hours.png", "fid_vs_flops.png", "fid_vs_images.png",
+                                            "samples.png"]
+    for name, data in images:
+        png = base64.b64decode(data)
+        assert png.startswith(PNG_MAGIC)
+        assert (exp.dir / "figures" / name).read_bytes() == png
+    assert "<td>-33.3%</td>" in html and "mask50 (running)" in html
+    markdown = (exp.dir / "report.md").read_text()
+    assert "| 0.075 h | scratch eval | two_stage | finetune@500 | 0.07 h | 20.00 | 0.0200 | -50.0% |" in markdown
+    assert (exp.dir / "records.csv").is_file() and (exp.dir / "records.parquet").is_file()
+
+
+def test_cli_reports_an_experiment_and_a_sweep(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for s in (0, 1):
+        standard_experiment(sweep, f"seed{s}", seed=s, fid_shift=float(s))
+    assert cli_main(["report", str(sweep / "seed0"), "--budget", "flops"]) == 0
+    out = capsys.readouterr().out
+    assert "FID at equal training FLOPs" in out and "-33.3%" in out
+    assert "FID at equal device-hours" not in (sweep / "seed0" / "report.md").read_text()
+
+    assert cli_main(["report", str(sweep), "--quiet"]) == 0
+    for folder in (sweep / "seed0", sweep / "seed1", sweep):
+        assert (folder / "report.html").is_file()
+    assert "30.50 ± 0.71 (n=2)" in (sweep / "report.md").read_text()
+
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_to_html_escapes_text(tmp_path):
+    data = load_data([standard_experiment(tmp_path).dir])
+    report = build_report(data, "<script>", budgets=["steps"])
+    assert "<script>" not in to_html(report)
