@@ -63,8 +63,8 @@ def test_running_failed_and_pending_stages_are_marked_not_dropped(tmp_path):
     assert set(running.status) == {"running"}
     assert cell(df, "mask50", "pretrain", 500, "fid").value == 150
     loss = cell(df, "mask50", "pretrain", 500, "loss")
-    # no cost.json yet: images from the step, the rest unknown
-    assert loss.images_seen == 5000 and math.isnan(loss.device_hours)
+    # no cost.json yet: the cost at the eval of the same step
+    assert loss.images_seen == 5000 and loss.device_hours == pytest.approx(0.025)
     pending = df[df.stage_id == fine]
     assert len(pending) == 1 and pending.iloc[0].status == "pending"
     assert pd.isna(pending.iloc[0].metric) and math.isnan(pending.iloc[0].value)
