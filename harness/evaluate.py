@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,12 +165,17 @@ def _cache_files(name: str) -> list[Path]:
             root / f"{name}.json"]
 
 
+def reference_manifest(name: str) -> dict[str, Any]:
+    """What the cache records about a reference: image count, source, weights id, self-FID sanity check."""
+    return json.loads(_cache_files(name)[-1].read_text())
+
+
 def cached_reference(name: str) -> Reference | None:
     """The complete cache entry `name`, or None."""
     files = _cache_files(name)
     if not all(f.is_file() for f in files):
         return None
-    manifest = json.loads(files[-1].read_text())
+    manifest = reference_manifest(name)
     return Reference(name=name, num_images=int(manifest["num_images"]), source=manifest["source"])
 
 
@@ -199,7 +205,10 @@ def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -
     )
     options.update(kwargs)
     try:
-        return dict(torch_fidelity.calculate_metrics(**options))
+        with warnings.catch_warnings():
+            # torch-fidelity starts 4 loader workers; torch warns about it on machines with fewer cores.
+            warnings.filterwarnings("ignore", message=".*DataLoader will create", category=UserWarning)
+            return dict(torch_fidelity.calculate_metrics(**options))
     except ValueError as err:  # torch-fidelity reports bad inputs as ValueError
         raise HarnessError(f"torch-fidelity refused the inputs: {err}") from err
 
