@@ -84,6 +84,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
     folder = Path(spec.log_folder or Path(results_dir) / ".submitit")
     executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=spec.max_requeues)
     base = spec.sbatch_parameters()
+    base.pop("job_name")
     submitted: dict[str, SlurmSubmission] = {}
     todo = [job for job in jobs if not job.done]
     for depth in sorted({job.depth for job in todo}):
@@ -98,11 +99,13 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
                 link_shared_folders(job)
         if not level:
             continue
-        args = lambda job: (job.gin_text, job.stage_id, str(results_dir), spec.max_requeues)  # noqa: E731
+        def args(job: StageJob) -> tuple:  # strings only: gin bindings do not survive pickling
+            return job.gin_text, job.stage_id, str(results_dir), spec.max_requeues
+
         if arrays and len(level) > 1:
             level = order_level(level, submitted)
             dependency = level_dependency(level, submitted)
-            executor.update_parameters(**{**base, "dependency": dependency, "job_name": f"{spec.job_name}-level{depth}"})
+            executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-level{depth}")
             with executor.batch():
                 handles = [executor.submit(run_stage_job, *args(job)) for job in level]
             for index, (job, handle) in enumerate(zip(level, handles)):
@@ -112,7 +115,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
             for job in level:
                 parent = submitted.get(job.parent) if job.parent else None
                 dependency = f"afterok:{parent.job_id}" if parent is not None else None
-                executor.update_parameters(**{**base, "dependency": dependency, "job_name": f"{spec.job_name}-{job.name}"})
+                executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-{job.name}")
                 handle = executor.submit(run_stage_job, *args(job))
                 submitted[job.stage_id] = SlurmSubmission(job, str(handle.job_id), handle=handle,
                                                           dependency=dependency)
@@ -124,3 +127,24 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
             log.info("submitted stage %s (%s) as SLURM job %s%s", job.name, job.stage_id, sub.job_id,
                      f" after {sub.dependency}" if sub.dependency else "")
     return list(submitted.values())
+
+
+def preview_levels(jobs: list[StageJob], arrays: bool) -> list[tuple[int, list[StageJob], str | None]]:
+    """What `submit_to_slurm` would submit, level by level, with symbolic job ids ('<level0>_3')."""
+    fake: dict[str, SlurmSubmission] = {}
+    out = []
+    todo = [job for job in jobs if not job.done]
+    for depth in sorted({job.depth for job in todo}):
+        level = [job for job in todo if job.depth == depth]
+        array_id = f"<level{depth}>"
+        if arrays and len(level) > 1:
+            level = order_level(level, fake)
+            out.append((depth, level, level_dependency(level, fake)))
+            fake.update({job.stage_id: SlurmSubmission(job, f"{array_id}_{i}", array_id, i)
+                         for i, job in enumerate(level)})
+        else:
+            for job in level:
+                parent = fake.get(job.parent) if job.parent else None
+                out.append((depth, [job], f"afterok:{parent.job_id}" if parent else None))
+                fake[job.stage_id] = SlurmSubmission(job, f"<{job.name}-{job.stage_id[:8]}>")
+    return out

@@ -1,0 +1,90 @@
+"""`harness status RESULTS_DIR`: every stage's job, state, step and loss; the log of the failed ones."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "show every stage of the experiments under a results folder: job, state, step, loss, failures"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results_dir", nargs="?", default="results",
+                        help="a results folder (all experiments in it) or one experiment's folder")
+    parser.add_argument("--lines", type=int, default=12, help="log lines shown per failed stage (default 12)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per stage instead")
+
+
+def find_plans(results_dir: Path) -> list[Path]:
+    from harness.errors import HarnessError
+
+    if (results_dir / "plan.json").is_file():
+        return [results_dir / "plan.json"]
+    plans = sorted(results_dir.glob("*/plan.json"))
+    if not plans:
+        raise HarnessError(f"no plan.json under {results_dir}: pass the --results-dir that `harness run` or "
+                           "`harness sweep` wrote to (default: results/)")
+    return plans
+
+
+def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
+    """One record per stage of every experiment found (shared stages appear under each experiment)."""
+    from harness.launch.state import slurm_queue, stage_state
+
+    plans = find_plans(results_dir)
+    needs_queue = False
+    entries = []
+    for plan_path in plans:
+        plan = json.loads(plan_path.read_text())
+        stages = plan.get("stages", {})
+        for sid, info in sorted(stages.items(), key=lambda kv: kv[1].get("depth", 0)):
+            stage_dir = plan_path.parent / info["dir"]
+            entries.append((plan.get("experiment", plan_path.parent.name), sid, info, stage_dir))
+            needs_queue = needs_queue or '"slurm"' in _read(stage_dir / "job.json")
+    queue = slurm_queue() if needs_queue else None
+    records = []
+    for experiment, sid, info, stage_dir in entries:
+        state = stage_state(stage_dir, queue, log_lines)
+        records.append({"experiment": experiment, "arms": info.get("arms", []), "stage": info.get("name", ""),
+                        "stage_id": sid, "dir": str(stage_dir), "steps": info.get("steps"),
+                        "state": state.state, "job_id": state.job_id, "launcher": state.launcher,
+                        "step": state.step, "loss": state.loss, "detail": state.detail, "log_tail": state.log_tail,
+                        "_state": state})
+    return records
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from harness.launch.watch import Row, status_table
+
+    records = collect(Path(args.results_dir), args.lines)
+    if args.json:
+        for r in records:
+            print(json.dumps({k: v for k, v in r.items() if k != "_state"}))
+        return 0
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200
+    rows = [Row(r["experiment"], f"{'+'.join(r['arms'])}/{r['stage']}", r["stage_id"], r["_state"], r["steps"])
+            for r in records]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(status_table(rows, title=f"{args.results_dir}: {summary}"))
+    for r in records:
+        if r["state"] == "failed" and r["log_tail"]:
+            title = f"{r['experiment']}/{r['stage']} ({r['stage_id'][:8]}) job {r['job_id'] or '-'}"
+            console.print(Panel(Text(r["log_tail"]), title=title, title_align="left", border_style="red",
+                                expand=False))
+    return 0

@@ -1,0 +1,101 @@
+"""`harness sweep RECIPE --grid 'KEY=[...]' ...`: one experiment per grid point, shared stages run once."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "sweep a recipe over a grid of gin bindings (cartesian product); on SLURM each level is one job array"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a gin recipe file, or the name of one under recipes/")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]", required=True,
+                        help="a gin macro or binding and its values, repeatable (the sweep is the product), "
+                             "e.g. --grid 'MASK_RATIO=[0.1,0.5,0.9]' --grid \"MASK=['@PatchMask()','@BlockMask()']\"")
+    parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                        help="extra gin binding applied to every point, repeatable")
+    parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    parser.add_argument("--launcher", default=None,
+                        help="inline | local | slurm (default: the recipe's launch/*.gin choice, else inline)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the points and the jobs that would be submitted; submit nothing")
+    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return")
+
+
+def main(args: argparse.Namespace) -> int:
+    from harness.launch import Variant, launch_variants, raise_for_failures
+    from harness.launch.jobs import build_jobs
+    from harness.sweep import build_sweep, parse_grid
+
+    grids = [parse_grid(text) for text in args.grid]
+    sweep = build_sweep(args.recipe, args.gin, grids)
+    launcher = _launcher(args.launcher, args.dry_run)
+    results_dir = Path(args.results_dir)
+    variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
+    jobs = build_jobs(variants, results_dir)
+    if args.dry_run:
+        print_dry_run(sweep, jobs, launcher.name)
+        return 0
+    record = results_dir / f"{sweep[0].base}.sweep.json"
+    _write_record(record, args, sweep)
+    results = launch_variants(variants, results_dir, launcher, wait=not args.no_wait, arrays=True)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"sweep: {len(sweep)} points, {len(results)} distinct stages: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" (record: {record})", file=sys.stderr)
+    raise_for_failures(results)
+    return 0
+
+
+def _launcher(name: str | None, dry_run: bool):
+    from harness.launch import LAUNCHERS, launcher_from_name
+
+    if dry_run and name == "slurm":  # previewing the arrays needs no SLURM on this machine
+        return LAUNCHERS["slurm"]()
+    return launcher_from_name(name)
+
+
+def _write_record(path: Path, args: argparse.Namespace, sweep) -> None:
+    from harness.fileio import atomic_write_text
+
+    info = {"recipe": str(args.recipe), "grid": args.grid, "gin": args.gin,
+            "points": [{"label": v.point.label, "bindings": v.point.gin_lines(), "experiment": v.experiment}
+                       for v in sweep]}
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+def print_dry_run(sweep, jobs, launcher: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.launch.slurm import preview_levels
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200
+    points = Table(title=f"{len(sweep)} sweep points")
+    for column in ("#", "point", "experiment", "stages"):
+        points.add_column(column)
+    for i, v in enumerate(sweep):
+        points.add_row(str(i), v.point.label, v.experiment, str(len(v.plan.stages)))
+    console.print(points)
+
+    done = [job for job in jobs if job.done]
+    title = (f"{len(jobs)} distinct stages: {len(jobs) - len(done)} to run, {len(done)} already done "
+             f"(launcher: {launcher})")
+    table = Table(title=title)
+    for column in ("level", "job", "stage", "id", "experiments", "dependency", "status"):
+        table.add_column(column)
+    shared = {job.stage_id: 1 + len(job.links) for job in jobs}
+    for depth, level, dependency in preview_levels(jobs, arrays=launcher == "slurm"):
+        kind = f"array[{len(level)}]" if len(level) > 1 else "job"
+        for i, job in enumerate(level):
+            table.add_row(str(depth), f"{kind} #{i}" if len(level) > 1 else kind, job.name, job.stage_id[:8],
+                          f"{job.experiment}" + (f" (+{shared[job.stage_id] - 1} more)" if shared[job.stage_id] > 1
+                                                 else ""), dependency or "-", "would submit")
+    for job in done:
+        table.add_row(str(job.depth), "-", job.name, job.stage_id[:8], job.experiment, "-", "done")
+    console.print(table)
