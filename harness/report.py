@@ -167,7 +167,7 @@ def load_data(experiment_dirs: list[Path]) -> Data:
     keep = [(g, m) not in dropped for g, m in zip(records.group, records.member)]
     records = records[keep].reset_index(drop=True)
     groups = list(dict.fromkeys(records.group))
-    reference = next((g for g in groups if g == "scratch"), groups[0])
+    reference = next((g for g in groups if g == "scratch" or g.startswith("scratch [")), groups[0])
     status = {g: [_arm_status(d) for _, d in records[records.group == g].groupby("member", sort=False)]
               for g in groups}
     return Data(records, reference, status, stage_dirs)
@@ -195,7 +195,7 @@ class Cell:
     n: int
     budget: float  # the (mean) budget actually spent at the chosen evaluations
     where: str  # 'stage@step' of the chosen evaluation(s)
-    kid: float
+    second: float  # the second metric (KID beside FID) at the same evaluations
     marks: str  # 'running' / 'failed' when the arm is unfinished and could still change the cell
 
 
@@ -210,11 +210,11 @@ def pooled_cell(data: Data, evals: pd.DataFrame, group: str, column: str, level:
     if not picked:
         return Cell(math.nan, math.nan, 0, math.nan, "", math.nan, marks)
     values = pd.Series([float(r.value) for r in picked])
-    kids = [_other_metric(data, r, other) for r in picked]
+    seconds = [_other_metric(data, r, other) for r in picked]
     where = sorted({f"{r.stage}@{int(r.step)}" for r in picked})
     return Cell(values.mean(), values.std() if len(values) > 1 else math.nan, len(values),
                 float(pd.Series([r[column] for r in picked]).mean()), "/".join(where),
-                float(pd.Series(kids).mean()), marks)
+                float(pd.Series(seconds).mean()), marks)
 
 
 def _other_metric(data: Data, row: pd.Series, metric: str | None) -> float:
@@ -271,7 +271,7 @@ def matched_table(data: Data, metric: str, budget: str) -> tuple[Table, list[str
             state = "" if not c.marks else f" ({c.marks})"
             row = [fmt_budget(budget, level), source, g + state, c.where or "—", fmt_budget(budget, c.budget),
                    fmt_value(c.mean, c.std, c.n)]
-            row += [fmt_value(c.kid)] if other else []
+            row += [fmt_value(c.second)] if other else []
             table.rows.append(row + ["—" if g == data.reference else fmt_relative(c.mean, ref.mean)])
         for g, c in cells.items():
             # the headline comparisons: with the reference's whole budget, and with this arm's whole budget

@@ -53,7 +53,7 @@ def test_matched_budget_takes_the_eval_nearest_at_or_below(tmp_path, column, lev
     cell = pooled_cell(data, evals_of(data), "two_stage", column, level, "kid")
     assert (cell.where, cell.mean, cell.n) == (stage_step, fid, 1)
     assert cell.budget == pytest.approx(spent)
-    assert cell.kid == pytest.approx(0.2 if fid == 200 else fid / 1000)
+    assert cell.second == pytest.approx(0.2 if fid == 200 else fid / 1000)
 
 
 def test_no_eval_within_the_budget_is_an_empty_cell(tmp_path):
