@@ -13,6 +13,7 @@ The predicted x0 is clipped to [-1, 1] (and eps recomputed from it) when `clip_x
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -58,10 +59,16 @@ class SamplerConfig:
 
 
 def image_seed(seed: int, index: int) -> int:
-    """A distinct generator seed for every (seed, image index) pair."""
-    if not 0 <= index < 2**32 or not 0 <= seed < 2**31:
-        raise HarnessError(f"seed must be in [0, 2**31) and the image index in [0, 2**32), got {seed}, {index}")
-    return seed * 2**32 + index
+    """The generator seed of image `index` under `seed`.
+
+    CPU generators (mt19937) keep only 32 bits of a seed, so (seed, index) cannot simply be packed into 64 bits.
+    Instead each seed picks a pseudo-random 32-bit offset and images count up from it: all images of one seed get
+    distinct generators, and two seeds share one only if their offsets fall within n images of each other.
+    """
+    if index < 0 or seed < 0:
+        raise HarnessError(f"seed and image index must be non-negative, got seed={seed}, index={index}")
+    offset = int.from_bytes(hashlib.sha256(f"maskdm-harness:{seed}".encode()).digest()[:4], "little")
+    return (offset + index) % 2**32
 
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
