@@ -1,0 +1,144 @@
+"""The launcher on a real one-node SLURM cluster: dependencies, sweeps as job arrays, preemption and requeue.
+
+Skipped with the reason when no cluster is reachable; with CI=true the fixture starts one (ci/slurm/start.sh)
+and a missing cluster fails the tests instead.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest_slurm import scontrol_job, slurm_cluster, wait_until, write_fast_recipe  # noqa: F401
+from harness.cli import main as harness_main
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+FAST_SLURM = ["--gin", "SlurmLauncher.poll_seconds = 1", "--gin", "SlurmLauncher.time_min = 10",
+              "--gin", "SlurmLauncher.job_name = 'harness-test'"]
+
+
+def _job(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "job.json").read_text())
+
+
+def _steps(stage_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {folder}, found {found}"
+    return found[0]
+
+
+def test_run_through_slurm_honours_the_dependency(slurm_cluster, tmp_path):
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "results"
+    code = harness_main(["run", str(recipe), "--launcher", "slurm", "--results-dir", str(results), "--no-report",
+                         *FAST_SLURM])
+    assert code == 0
+    exp = results / "fast"
+    scratch, pretrain = _only(exp / "scratch", "scratch-*"), _only(exp / "two_stage", "pretrain-*")
+    finetune = _only(exp / "two_stage", "finetune-*")
+    for stage, steps in ((scratch, 3), (pretrain, 3), (finetune, 2)):
+        assert (stage / "DONE").is_file(), stage
+        assert _steps(stage) == list(range(1, steps + 1))
+        assert _job(stage)["launcher"] == "slurm"
+    ids = {_job(s)["job_id"] for s in (scratch, pretrain, finetune)}
+    assert len(ids) == 3  # one job per stage
+    assert _job(finetune)["dependency"] == f"afterok:{_job(pretrain)['job_id']}"
+    assert _job(scratch)["dependency"] is None and _job(pretrain)["dependency"] is None
+    # The fine-tuning job started only after the pretraining stage had finished.
+    assert (finetune / "stage.json").stat().st_mtime >= (pretrain / "DONE").stat().st_mtime
+    # SLURM's own times agree (DONE is written just before the job exits, so let it exit first).
+    wait_until(lambda: scontrol_job(_job(finetune)["job_id"]).get("JobState") == "COMPLETED", 60,
+               "the fine-tuning job to exit")
+    pre, fine = scontrol_job(_job(pretrain)["job_id"]), scontrol_job(_job(finetune)["job_id"])
+    assert pre["JobState"] == "COMPLETED"
+    assert fine["StartTime"] >= pre["EndTime"]  # ISO timestamps compare as strings
+
+    from harness.commands.status import collect
+
+    states = {(r["stage"], r["state"], r["job_id"], r["step"]) for r in collect(results)}
+    assert states == {("scratch", "done", _job(scratch)["job_id"], 3), ("pretrain", "done", _job(pretrain)["job_id"], 3),
+                      ("finetune", "done", _job(finetune)["job_id"], 2)}
+
+
+def test_sweep_becomes_job_arrays_with_the_baseline_once(slurm_cluster, tmp_path):
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "results"
+    code = harness_main(["sweep", str(recipe), "--grid", "MASK_RATIO=[0.5,0.75]",
+                         "--grid", "pretrain/Stage.mask=['@PatchMask()','@BlockMask()']", "--launcher", "slurm",
+                         "--results-dir", str(results), *FAST_SLURM])
+    assert code == 0
+    experiments = sorted(p.parent for p in results.glob("*/plan.json"))
+    assert len(experiments) == 4
+
+    # The shared scratch baseline: one real folder, the other three points link to it; it trained once.
+    scratch_dirs = [_only(e / "scratch", "scratch-*") for e in experiments]
+    real = [d for d in scratch_dirs if not d.is_symlink()]
+    assert len(real) == 1 and all(d.resolve() == real[0].resolve() for d in scratch_dirs)
+    assert _steps(real[0]) == [1, 2, 3]
+
+    pretrains = [_only(e / "two_stage", "pretrain-*") for e in experiments]
+    finetunes = [_only(e / "two_stage", "finetune-*") for e in experiments]
+    assert len({p.name for p in pretrains}) == 4  # the grid reaches every pretraining stage
+    level0 = [_job(d) for d in [*pretrains, real[0]]]
+    level1 = [_job(d) for d in finetunes]
+    # Each level is one array; fine-tuning element i waits for pretraining element i (aftercorr).
+    assert len({j["array_job_id"] for j in level0}) == 1 and len({j["array_job_id"] for j in level1}) == 1
+    assert sorted(j["array_index"] for j in level0) == [0, 1, 2, 3, 4]
+    assert sorted(j["array_index"] for j in level1) == [0, 1, 2, 3]
+    assert {j["dependency"] for j in level1} == {f"aftercorr:{level0[0]['array_job_id']}"}
+    for pre, fine in zip(pretrains, finetunes):
+        assert _job(fine)["array_index"] == _job(pre)["array_index"]
+        assert _job(fine)["job_id"] == f"{_job(fine)['array_job_id']}_{_job(fine)['array_index']}"
+        assert (fine / "DONE").is_file() and (pre / "DONE").is_file()
+        assert (fine / "stage.json").stat().st_mtime >= (pre / "DONE").stat().st_mtime
+    record = json.loads((results / "fast.sweep.json").read_text())
+    assert sorted(p["experiment"] for p in record["points"]) == [e.name for e in experiments]
+
+
+def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster, tmp_path):
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+    from harness.launch import SlurmLauncher, launch_plan
+    from harness.launch.state import slurm_queue, stage_state
+
+    steps = 200
+    recipe = write_fast_recipe(tmp_path)
+    text = load_recipe(recipe, [f"scratch/Stage.steps = {steps}", "Stage.checkpoint_every = 1000",
+                                "Stage.keep_checkpoints = 5",
+                                "Experiment.arms = {'scratch': [@scratch/Stage()]}"])
+    plan = plan_from_gin(text)
+    results = tmp_path / "results"
+    (out,) = launch_plan(plan, text, results, SlurmLauncher(time_min=10, max_requeues=2), wait=False)
+    assert out["status"] == "submitted"
+    job_id, stage_dir = out["job_id"], Path(out["dir"])
+
+    wait_until(lambda: (stage_dir / "metrics.jsonl").is_file() and len(_steps(stage_dir)) >= 3, 120,
+               "the job to train a few steps")
+    # SLURM's warning signal (what --signal=USR2@N sends before the time limit, or a preemption notice).
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1"
+               and scontrol_job(job_id).get("JobState") == "PENDING", 60, "the job to requeue itself")
+    requeued_at = time.time()
+    assert stage_state(stage_dir, slurm_queue()).state == "requeued"
+    stopped = _steps(stage_dir)[-1]
+    assert 3 <= stopped < steps, "the signal arrived after training ended; the test cannot check a resume"
+    assert (stage_dir / "checkpoints" / f"step_{stopped:07d}.pt").is_file()  # saved on the way out
+
+    # SLURM holds a requeued job back for a while; let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+    wait_until(lambda: (stage_dir / "DONE").is_file(), 180, "the requeued job to finish")
+
+    assert _steps(stage_dir) == list(range(1, steps + 1))  # every step once: nothing lost, nothing repeated
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    # Resumed, not restarted: rows up to the checkpoint predate the requeue, the rest come after it.
+    assert rows[stopped - 1]["time"] <= requeued_at < rows[stopped]["time"]
+    assert scontrol_job(job_id).get("Restarts", "1") == "1"
+    assert "requeueing job" in Path(_job(stage_dir)["stderr"]).read_text()
