@@ -134,7 +134,9 @@ class GaussianDiffusion:
         """Masked denoising score matching loss (scalar) of one batch x0 [B, C, H, W] in [-1, 1].
 
         t ~ U{0..T-1} and the noise are drawn from `generator` (on its device, then moved to x0's device).
-        mask: bool [B, N], True = masked, or None for the ordinary DDPM loss.
+        mask: bool [B, N], True = masked, or None for the ordinary DDPM loss. The LongTensor [B, N_visible] of
+        `visible_indices(mask)` is accepted too: a trainer that draws masks on the CPU can compute the indices
+        there and ship them to the GPU, avoiding the device sync of `nonzero`.
         """
         b = x0.shape[0]
         draw_on = generator.device if generator is not None else x0.device
@@ -157,9 +159,11 @@ class GaussianDiffusion:
         if mask is None:
             pred = model(x_t, t, y=y)
         else:
-            if mask.dtype != torch.bool or mask.shape[0] != x0.shape[0]:
-                raise HarnessError("the mask must be a bool tensor [batch, num_patches] (True = masked)")
-            idx = visible_indices(mask)  # once per step, shared by the model's gather and the target's
+            if mask.ndim != 2 or mask.shape[0] != x0.shape[0]:
+                raise HarnessError("the mask must be a bool tensor [batch, num_patches] (True = masked) "
+                                   "or its visible indices [batch, num_visible]")
+            # once per step, shared by the model's gather and the target's
+            idx = visible_indices(mask) if mask.dtype == torch.bool else mask
             pred = model(x_t, t, y=y, mask=idx)
             # the patch size follows from the prediction's width (works through DDP / compile wrappers)
             p = math.isqrt(pred.shape[-1] // x0.shape[1])

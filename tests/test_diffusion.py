@@ -70,6 +70,7 @@ def test_masked_loss_is_the_mean_over_visible_elements():
     x0, noise, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
     mask = PatchMask(0.75).sample(2, 4, generator=torch.Generator().manual_seed(0))
     loss = d.loss_at(ScaledInput(), x0, t, noise, mask=mask)
+    assert d.loss_at(ScaledInput(), x0, t, noise, mask=visible_indices(mask)).item() == loss.item()
     x_t = d.q_sample(x0, t, noise)
     per_image = []
     for i in range(2):  # written out per image on purpose, independently of the vectorised code
