@@ -75,7 +75,9 @@ def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device) ->
     return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 
-def _step_coefficients(abar: list[float], t: int, t_prev: int, kind: str, eta: float) -> tuple[float, float, float, float]:
+def _step_coefficients(
+    abar: list[float], t: int, t_prev: int, kind: str, eta: float
+) -> tuple[float, float, float, float]:
     """(coefficient of x0, coefficient of x_t, coefficient of eps, noise std) for one step t -> t_prev."""
     a_t = abar[t]
     a_prev = abar[t_prev] if t_prev >= 0 else 1.0

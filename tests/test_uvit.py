@@ -52,6 +52,8 @@ def test_output_shapes_masked_and_unmasked():
     mask = PatchMask(0.5).sample(3, 4, generator=torch.Generator().manual_seed(0))
     assert model(x, t, mask=mask).shape == (3, 8, 4 * 4 * 3)
     assert model(x, t, mask=visible_indices(mask)).shape == (3, 8, 48)  # precomputed indices work the same
+    with pytest.raises(HarnessError, match="img_size"):
+        model(torch.randn(3, 3, 32, 32), t)
 
 
 def test_tokens_entering_blocks_fall_with_the_mask():

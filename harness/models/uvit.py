@@ -213,7 +213,9 @@ class MaskedUViT(nn.Module):
         self.patch_size = cfg.patch_size
         self.in_chans = cfg.in_chans
         self.extras = cfg.extras
-        self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=d)
+        self.patch_embed = PatchEmbed(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=d
+        )
         self.time_embed = (
             nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d)) if cfg.time_mlp else nn.Identity()
         )
@@ -274,7 +276,12 @@ class MaskedUViT(nn.Module):
         y: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch = x.shape[0]
+        batch, c, h, w = x.shape
+        if (c, h, w) != (self.in_chans, self.cfg.img_size, self.cfg.img_size):
+            raise HarnessError(
+                f"the model expects images of {self.in_chans}x{self.cfg.img_size}x{self.cfg.img_size} but got "
+                f"{c}x{h}x{w}; make UViTConfig.img_size / in_chans match the data's resolution and channels"
+            )
         patches = self.patch_embed(x) + self.pos_embed[:, self.extras :]
         if mask is not None:
             idx = visible_indices(mask) if mask.dtype == torch.bool else mask
