@@ -183,15 +183,23 @@ def infer_config(net: Mapping[str, torch.Tensor], num_heads: int | None = None) 
 
 
 def _check_names(what: str, got: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
-                 unmapped: list[str]) -> None:
-    missing = sorted(set(expected) - set(got))
-    misshapen = sorted(f"{k} {tuple(got[k].shape)} != {expected[k]}"
+                 unmapped: list[str], shown=lambda name: name) -> None:
+    """Fail on names outside `expected`, missing ones and wrong shapes; `shown` names them for the user."""
+    missing = sorted(shown(k) for k in set(expected) - set(got))
+    misshapen = sorted(f"{shown(k)} {tuple(got[k].shape)} != {expected[k]}"
                        for k in set(got) & set(expected) if tuple(got[k].shape) != expected[k])
-    unmapped = sorted(unmapped + [k for k in got if k not in expected])
+    unmapped = sorted(unmapped + [shown(k) for k in got if k not in expected])
     problems = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
                 for label, keys in (("unmapped", unmapped), ("missing", missing), ("wrong shape", misshapen)) if keys]
     if problems:
         raise HarnessError(f"{what} does not map onto MaskedUViT: {'; '.join(problems)}")
+
+
+def _reference_label(ours: str) -> str:
+    """How the reference names the tensor(s) behind a harness name, for error messages."""
+    if ours.endswith(".attn.qkv.bias"):
+        return "encoder." + ours.replace(".qkv.bias", ".q_bias/v_bias")
+    return reference_name(ours)
 
 
 def from_reference(net: Mapping[str, torch.Tensor], cfg: UViTConfig, what: str = "the checkpoint") -> dict:
@@ -211,7 +219,7 @@ def from_reference(net: Mapping[str, torch.Tensor], cfg: UViTConfig, what: str =
             unmapped += [f"encoder.{block}.attn.{k}_bias" for k in pair]  # one without the other
             continue
         out[f"{block}.attn.qkv.bias"] = torch.cat([pair["q"], torch.zeros_like(pair["q"]), pair["v"]])
-    _check_names(what, out, expected_shapes(cfg), unmapped)
+    _check_names(what, out, expected_shapes(cfg), unmapped, shown=_reference_label)
     return out
 
 
