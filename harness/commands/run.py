@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
     parser.add_argument("--launcher", default="inline",
                         help="inline (this process, default) | local (submitit subprocesses) | slurm")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan (and write plan.json); train nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan as a table and exit: nothing is trained or written")
     parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
                         help="run only these stages (by stage name, arm/name or id prefix); repeatable")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
