@@ -126,7 +126,8 @@ def harness_name(ref: str) -> str | None:
     if ref.startswith("encoder_to_output."):
         return "decoder_pred." + ref[len("encoder_to_output."):]
     if ref.startswith("encoder."):
-        return ref[len("encoder."):]
+        name = ref[len("encoder."):]
+        return name if reference_name(name) == ref else None  # one-to-one: not encoder.pos_embed & co.
     return None
 
 
@@ -153,7 +154,8 @@ def infer_config(net: Mapping[str, torch.Tensor], num_heads: int | None = None) 
     for prefix, what in _UNSUPPORTED.items():
         found = sorted(k for k in net if k.startswith(prefix))
         if found:
-            raise HarnessError(f"the checkpoint uses {what} ({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}), "
+            shown = ", ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+            raise HarnessError(f"the checkpoint uses {what} ({shown}), "
                                "which the harness MaskedUViT does not have; only MaskDM U-ViTs with a linear head "
                                "(decoder_depth: 0, use_final_conv: False) can be imported")
     for key in ("encoder.patch_embed.proj.weight", "encoder.encoder_pos_embed", "encoder.mid_block.mlp.fc1.weight"):
@@ -299,6 +301,9 @@ def load_reference(src: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _split_wrapper(state: Mapping[str, Any], where: str, unknown: list[str]) -> tuple[dict, dict]:
     """A diffusion wrapper's state dict -> (network tensors without `model.`, schedule buffers)."""
+    if not isinstance(state, Mapping):
+        raise HarnessError(f"{where.rstrip(':.')} is a {type(state).__name__}, not a state dict: "
+                           "not a MaskDM checkpoint")
     net, buffers = {}, {}
     for key, value in state.items():
         if key in SCHEDULE_BUFFERS:
@@ -324,12 +329,11 @@ def read_maskdm(src: str | Path | Mapping[str, Any], num_heads: int | None = Non
     ema_step = None
     if "ema" in ckpt:
         ema = ckpt["ema"]
-        ema_net, ema_buffers = _split_wrapper({k[len(EMA_MODEL):]: v for k, v in ema.items() if k.startswith(EMA_MODEL)},
-                                              f"ema:{EMA_MODEL}", unknown)
+        under = lambda prefix: {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}  # noqa: E731
+        ema_net, ema_buffers = _split_wrapper(under(EMA_MODEL), f"ema:{EMA_MODEL}", unknown)
         buffers = buffers or ema_buffers
         # online_model duplicates `model` (the same module); only its names are checked
-        online, _ = _split_wrapper({k[len(ONLINE_MODEL):]: v for k, v in ema.items() if k.startswith(ONLINE_MODEL)},
-                                   f"ema:{ONLINE_MODEL}", unknown)
+        online, _ = _split_wrapper(under(ONLINE_MODEL), f"ema:{ONLINE_MODEL}", unknown)
         unknown += [f"ema:{ONLINE_MODEL}{NET}{k}" for k in sorted(set(online) - set(ema_net))]
         unknown += [f"ema:{k}" for k in ema if not k.startswith((EMA_MODEL, ONLINE_MODEL)) and k not in EMA_COUNTERS]
         if "step" in ema:
