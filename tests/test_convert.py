@@ -379,3 +379,17 @@ def test_finetune_recipe_plans_without_the_checkpoint_and_uses_maskdm_settings(t
             32, 1e-5, 5000, 1.0, (0.99, 0.99), 0.03)
         assert spec.mask.name == "none" and spec.init_from == "raw"
         assert (spec.model.embed_dim, spec.model.depth, spec.model.num_heads, spec.model.img_size) == (768, 13, 12, 256)
+
+
+def test_schedules_are_recognised_and_export_refuses_what_the_reference_cannot_sample():
+    from harness.convert import recognise_schedule, schedule_buffers
+    from harness.diffusion import DiffusionConfig, cosine_betas, linear_betas
+
+    assert recognise_schedule(reference_schedule()["betas"]) == "cosine"
+    assert recognise_schedule(linear_betas(1000).float()) == "linear"
+    assert recognise_schedule(cosine_betas(1000).float() * 1.01) is None  # e.g. the reference's shifted cosine
+    linear = schedule_buffers(DiffusionConfig(schedule="linear"))
+    torch.testing.assert_close(linear["alphas_cumprod"], torch.cumprod(1 - linear_betas(1000), 0).float())
+    for bad in (DiffusionConfig(timesteps=500), DiffusionConfig(prediction="v")):
+        with pytest.raises(HarnessError, match="1000 time steps and eps"):
+            schedule_buffers(bad)
