@@ -16,6 +16,15 @@ from typing import Any, Iterable
 from harness.errors import HarnessError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def _writable_error(path: Path, err: OSError) -> HarnessError:
     return HarnessError(f"cannot write {path}: {err.strerror or err} (is the results folder writable and is "
                         "there disk space left? pass --results-dir to write elsewhere)")
@@ -31,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
