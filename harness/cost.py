@@ -8,12 +8,13 @@ units whatever it ran on. Two choices worth knowing:
   the number of tokens per step but not from step to step (every mask row drops the same number of patches),
   so one measurement holds for the whole stage. The optimizer update (elementwise) is not counted.
 - Device-hours are `train_seconds x device_count / 3600`. On GPUs `device_count` is the number of GPUs (the
-  DDP world size); they are GPU-hours. On CPU it is `torch.get_num_threads()`, the cores the step used; they
-  are core-hours. Evaluation time is kept apart (`eval_seconds`, `eval_device_hours`) and is not training cost.
+  DDP world size); they are GPU-hours. On CPU it is processes x `torch.get_num_threads()`, the cores the
+  step used; they are core-hours. Evaluation time is kept apart (`eval_seconds`, `eval_device_hours`): it is
+  not training cost.
 
 The training loop drives a `CostMeter`:
 
-    meter = CostMeter.for_device(device, flops_per_step=measure_step_flops(model, diffusion, x0, mask),
+    meter = CostMeter.for_device(device, world_size, flops_per_step=measure_step_flops(model, diffusion, x0, mask),
                                  tokens_per_image=model.tokens_entering_blocks(mask), mask=..., mask_ratio=...)
     with meter.training():              # wrap a stretch of steps, not each step (it synchronises CUDA on exit)
         for ...: train_step(); meter.step(batch_size)
@@ -83,13 +84,15 @@ class DeviceInfo:
         return "GPU-hours" if self.kind == "cuda" else "core-hours"
 
 
-def describe_device(device: torch.device | str, count: int | None = None) -> DeviceInfo:
-    """DeviceInfo for `device`; `count` defaults to 1 GPU, or the number of torch threads on CPU."""
+def describe_device(device: torch.device | str, processes: int | None = None) -> DeviceInfo:
+    """DeviceInfo for `device` used by `processes` ranks (the DDP world size, default 1): one GPU each on CUDA;
+    on CPU each rank uses `torch.get_num_threads()` cores, and cores are what core-hours count."""
     device = torch.device(device)
+    processes = processes or 1
     if device.type == "cuda":
-        return DeviceInfo("cuda", torch.cuda.get_device_name(device), count or 1)
+        return DeviceInfo("cuda", torch.cuda.get_device_name(device), processes)
     name = platform.processor() or platform.machine() or "cpu"
-    return DeviceInfo(device.type, name, count or torch.get_num_threads())
+    return DeviceInfo(device.type, name, processes * torch.get_num_threads())
 
 
 def _peak_memory_bytes(device: DeviceInfo) -> int:
@@ -131,8 +134,8 @@ class CostMeter:
         self._train_started: float | None = None  # clock() while the training clock runs
 
     @classmethod
-    def for_device(cls, device: torch.device | str, device_count: int | None = None, **kwargs) -> "CostMeter":
-        return cls(describe_device(device, device_count), **kwargs)
+    def for_device(cls, device: torch.device | str, processes: int | None = None, **kwargs) -> "CostMeter":
+        return cls(describe_device(device, processes), **kwargs)
 
     # -- counting ---------------------------------------------------------------------------------------------
     def step(self, batch_size: int, steps: int = 1, tokens_per_image: int | None = None) -> None:

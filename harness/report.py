@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -380,6 +379,8 @@ def print_report(report: Report, console=None) -> None:
     from rich.table import Table as RichTable
 
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file has no width limit; do not squash the columns
     console.rule(report.title)
     for line in report.summary:
         console.print(f"• {escape(line)}", highlight=False)

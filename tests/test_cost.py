@@ -186,4 +186,4 @@ def test_meter_resumes_from_its_state_dict(tmp_path):
 def test_describe_device_on_cpu_counts_threads():
     info = describe_device("cpu")
     assert info.kind == "cpu" and info.count == torch.get_num_threads()
-    assert describe_device("cpu", 3).count == 3
+    assert describe_device("cpu", 3).count == 3 * torch.get_num_threads()  # 3 ranks
