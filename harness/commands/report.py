@@ -26,5 +26,5 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     for path in write_report(args.results_dir, metric=args.metric, budgets=args.budget, console=console,
                              show=not args.quiet):
-        console.print(f"wrote {path} (and report.md, records.csv, figures/ beside it)", highlight=False)
+        console.print(f"wrote {path} (and report.md, records.csv, figures/ beside it)", highlight=False, soft_wrap=True)
     return 0
