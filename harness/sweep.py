@@ -136,7 +136,8 @@ def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[Swe
             raise HarnessError(f"grid points {seen[ids]!r} and {point.label!r} give identical stages: does the "
                                "recipe use every --grid key? (an unused macro or binding changes nothing)")
         seen[ids] = point.label
-        variants.append(SweepVariant(point=point, base=first.experiment, experiment=name, gin_text=text, plan=plan))
+        variants.append(SweepVariant(point=point, base=first.experiment, experiment=name, gin_text=text,
+                                     plan=plan))
     return variants
 
 

@@ -64,7 +64,8 @@ def test_run_through_slurm_honours_the_dependency(slurm_cluster, tmp_path):
     from harness.commands.status import collect
 
     states = {(r["stage"], r["state"], r["job_id"], r["step"]) for r in collect(results)}
-    assert states == {("scratch", "done", _job(scratch)["job_id"], 3), ("pretrain", "done", _job(pretrain)["job_id"], 3),
+    assert states == {("scratch", "done", _job(scratch)["job_id"], 3),
+                      ("pretrain", "done", _job(pretrain)["job_id"], 3),
                       ("finetune", "done", _job(finetune)["job_id"], 2)}
 
 

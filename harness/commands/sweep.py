@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a gin recipe file, or the name of one under recipes/")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]", required=True,
                         help="a gin macro or binding and its values, repeatable (the sweep is the product), "
-                             "e.g. --grid 'MASK_RATIO=[0.1,0.5,0.9]' --grid \"MASK=['@PatchMask()','@BlockMask()']\"")
+                             "e.g. --grid 'MASK_RATIO=[0.1,0.5,0.9]' "
+                             "--grid \"MASK=['@PatchMask()','@BlockMask()']\"")
     parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
                         help="extra gin binding applied to every point, repeatable")
     parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")

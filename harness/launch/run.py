@@ -112,7 +112,8 @@ def _run_local(jobs: list[StageJob], spec: LocalLauncher, results_dir: Path, wai
         for job in list(waiting):
             if _parent_blocks(job, outcome):
                 waiting.remove(job)
-                results[job.stage_id] = _result(job, "cancelled", error=f"parent stage {job.parent} did not finish")
+                results[job.stage_id] = _result(job, "cancelled",
+                                                error=f"parent stage {job.parent} did not finish")
                 outcome[job.stage_id] = "cancelled"
             elif (job.parent is None or job.parent in outcome) and len(running) < spec.max_parallel:
                 waiting.remove(job)
@@ -162,7 +163,8 @@ def _run_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: Path, wai
     watcher = Watcher(jobs)
     while True:
         states = watcher.update(slurm_queue())
-        if not any(states[sid].active for sid in subs):
+        # "unknown": squeue did not answer this time (a busy controller); ask again rather than give up.
+        if not any(states[sid].active or states[sid].state == "unknown" for sid in subs):
             break
         time.sleep(spec.poll_seconds)
     watcher.close()

@@ -106,13 +106,35 @@ def requeue_this_job() -> None:
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
 
 
+def _mark_failed(gin_text: str, stage_id: str, results_dir: str, err: Exception) -> None:
+    """Write FAILED for a stage that failed before its trainer started (e.g. a missing data folder).
+
+    The stage writes FAILED itself once training started; this covers the checks before that, so that
+    `harness status` shows the reason instead of a job that ended without a trace.
+    """
+    from harness.experiment import FAILED_MARKER, plan_from_gin
+    from harness.fileio import atomic_write_text
+
+    try:
+        stage_dir = plan_from_gin(gin_text).stage_dir(results_dir, stage_id)
+        if not (stage_dir / FAILED_MARKER).is_file():
+            atomic_write_text(stage_dir / FAILED_MARKER, f"{type(err).__name__}: {err}\n")
+    except Exception:  # the plan itself is what failed: the job log has the error
+        log.debug("could not write FAILED for stage %s", stage_id, exc_info=True)
+
+
 def run_stage_job(gin_text: str, stage_id: str, results_dir: str, max_requeues: int = 3) -> dict[str, Any]:
     """The job body: run (or resume) one stage; on SLURM, requeue it when it was asked to stop."""
     from harness.stage import run_stage
 
     flag = StopFlag()
     with stop_on_signals(flag), distributed_from_env() as (rank, _world):
-        result = run_stage(gin_text, stage_id, results_dir, stop_event=flag)
+        try:
+            result = run_stage(gin_text, stage_id, results_dir, stop_event=flag)
+        except Exception as err:
+            if rank == 0:
+                _mark_failed(gin_text, stage_id, results_dir, err)
+            raise
     if result.get("status") != "preempted":
         return result
     result["signal"] = flag.signal_name

@@ -1,0 +1,98 @@
+"""Data-parallel training synchronises: 2 gloo ranks end with identical weights, equal to one process.
+
+Both runs go through the launcher's job body (`run_stage_job`: torch.distributed set-up from torchrun's
+environment, the stop flag all-reduced every step, the stage, the trainer's DDP). The test only wraps
+`Trainer.run` to save each rank's final weights, which the run folder (written by rank 0) cannot show.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest_slurm import write_fast_recipe
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, results_dir: str,
+           out: str) -> None:
+    """One rank: torchrun's environment, then the launcher's job body; saves this rank's final weights."""
+    import harness.train
+    from harness.launch.worker import run_stage_job
+
+    torch.set_num_threads(1)
+    os.environ.pop("SUBMITIT_EXECUTOR", None)
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    original = harness.train.Trainer.run
+
+    def run_and_keep_weights(self):
+        status = original(self)
+        torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, out.format(rank=rank))
+        return status
+
+    harness.train.Trainer.run = run_and_keep_weights
+    try:
+        result = run_stage_job(gin_text, stage_id, results_dir)
+    finally:
+        harness.train.Trainer.run = original
+    assert result["status"] == "done"
+
+
+def _stage(tmp_path: Path, batch_size: int) -> tuple[str, str]:
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    text = load_recipe(write_fast_recipe(tmp_path), [
+        f"scratch/Stage.steps = {STEPS}", f"Stage.batch_size = {batch_size}", "Stage.checkpoint_every = 100",
+        "Experiment.arms = {'scratch': [@scratch/Stage()]}"])
+    (sid,) = plan_from_gin(text).stages
+    return text, sid
+
+
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+
+    text, sid = _stage(tmp_path, batch_size=8)
+    out = str(tmp_path / "weights_{rank}.pt")
+    mp.spawn(_train, args=(2, _free_port(), text, sid, str(tmp_path / "ddp"), out), nprocs=2, join=True)
+    rank0, rank1 = torch.load(out.format(rank=0)), torch.load(out.format(rank=1))
+
+    single_out = str(tmp_path / "single_{rank}.pt")
+    _train(0, 1, 0, text, sid, str(tmp_path / "single"), single_out)
+    single = torch.load(single_out.format(rank=0))
+
+    # The same global batch of 8 on one process with only half of it (what an unsynchronised rank learns).
+    (tmp_path / "half").mkdir()
+    half_text, half_sid = _stage(tmp_path / "half", batch_size=4)
+    half_out = str(tmp_path / "half_{rank}.pt")
+    _train(0, 1, 0, half_text, half_sid, str(tmp_path / "half_run"), half_out)
+    half = torch.load(half_out.format(rank=0))
+
+    assert rank0.keys() == rank1.keys() == single.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the ranks"
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{name} vs one process")
+    # The comparison can fail: training moved the weights, and half the batch moves them elsewhere.
+    moved = max((single[k] - half[k]).abs().max().item() for k in single if single[k].is_floating_point())
+    assert moved > 1e-3
+    # Only rank 0 wrote the run folder; its checkpoint holds the synchronised weights after all the steps.
+    ckpt = load_checkpoint(newest_valid_checkpoint(tmp_path / "ddp" / "fast" / "scratch" /
+                                                   f"scratch-{sid[:8]}" / "checkpoints"))
+    assert ckpt["step"] == STEPS
+    assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)

@@ -1,0 +1,340 @@
+"""Launcher specs, sweep grids, job graphs, stage states and the worker; inline and submitit-local runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest_slurm import write_fast_recipe
+from harness.cli import main as harness_main
+from harness.errors import HarnessError
+from harness.launch import InlineLauncher, LocalLauncher, SlurmLauncher, Variant, launch_plan, launcher_from_name
+from harness.launch.jobs import StageJob, build_jobs, link_shared_folders, write_job_file
+from harness.launch.slurm import SlurmSubmission, level_dependency, order_level, preview_levels
+from harness.launch.state import QueueEntry, stage_state
+from harness.sweep import Point, build_sweep, grid_points, parse_grid, point_suffix
+
+GRID_2X2 = [parse_grid("MASK_RATIO=[0.5,0.75]"), parse_grid("pretrain/Stage.mask=['@PatchMask()', @BlockMask()]")]
+
+
+# -- sweep grids ------------------------------------------------------------------------------------------------
+def test_parse_grid_turns_values_into_gin_text():
+    assert parse_grid("MASK_RATIO=[0.1,0.5,0.9]").values == ["0.1", "0.5", "0.9"]
+    assert parse_grid("MASK=['@PatchMask()', @BlockMask()]").values == ["@PatchMask()", "@BlockMask()"]
+    assert parse_grid("DiffusionConfig.schedule=['cosine', \"linear\"]").values == ["'cosine'", "'linear'"]
+    grid = parse_grid(" Stage.betas = [(0.9, 0.99), (0.99,0.99)] ")
+    assert (grid.key, grid.values) == ("Stage.betas", ["(0.9, 0.99)", "(0.99, 0.99)"])
+    assert parse_grid("pretrain/Stage.eval=[None, True]").values == ["None", "True"]
+
+
+@pytest.mark.parametrize("bad", ["MASK_RATIO", "MASK_RATIO=0.5", "X=[]", "X=[a b]", "X=[1, 1]", "1X=[1]",
+                                 "=[1]"])
+def test_parse_grid_rejects_bad_grids(bad):
+    with pytest.raises(HarnessError, match="--grid"):
+        parse_grid(bad)
+
+
+def test_grid_points_are_the_cartesian_product_in_order():
+    points = grid_points([parse_grid("A=[1,2,3]"), parse_grid("B=['x','y']")])
+    assert [p.bindings for p in points] == [[("A", a), ("B", b)] for a in "123" for b in ("'x'", "'y'")]
+    assert points[1].gin_lines() == ["A = 1", "B = 'y'"]
+    with pytest.raises(HarnessError, match="repeat"):
+        grid_points([parse_grid("A=[1]"), parse_grid("A=[2]")])
+    assert point_suffix(Point([("MASK_RATIO", "0.5"), ("pretrain/Stage.mask", "@BlockMask()")])) == \
+        "mask_ratio=0.5-mask=BlockMask"
+
+
+def test_sweep_points_are_experiments_that_share_the_untouched_baseline(tmp_path):
+    recipe = write_fast_recipe(tmp_path)
+    sweep = build_sweep(str(recipe), [], GRID_2X2)
+    assert [v.experiment for v in sweep] == [f"fast-mask_ratio={r}-mask={m}" for r in ("0.5", "0.75")
+                                             for m in ("PatchMask", "BlockMask")]
+    by_name = [{ps.name: (sid, ps) for sid, ps in v.plan.stages.items()} for v in sweep]
+    assert len({names["scratch"][0] for names in by_name}) == 1  # no grid key reaches the baseline
+    assert len({names["pretrain"][0] for names in by_name}) == 4
+    assert len({names["finetune"][0] for names in by_name}) == 4
+    pretrain = [names["pretrain"][1].spec.mask for names in by_name]
+    assert [(m.name, m.ratio) for m in pretrain] == [("patch", 0.5), ("block2", 0.5), ("patch", 0.75),
+                                                     ("block2", 0.75)]
+    # A worker re-parsing a point's text gets the same plan (gin text is all that crosses processes).
+    from harness.experiment import plan_from_gin
+
+    again = plan_from_gin(sweep[3].gin_text)
+    assert (again.experiment, list(again.stages)) == (sweep[3].experiment, list(sweep[3].plan.stages))
+
+    jobs = build_jobs([Variant(v.gin_text, v.plan) for v in sweep], tmp_path / "results")
+    assert [j.name for j in jobs].count("scratch") == 1 and len(jobs) == 9
+    scratch = next(j for j in jobs if j.name == "scratch")
+    assert len(scratch.links) == 3 and scratch.experiment == sweep[0].experiment
+    assert [j.depth for j in jobs] == sorted(j.depth for j in jobs)
+
+
+def test_sweep_refuses_a_grid_key_the_recipe_does_not_use(tmp_path):
+    recipe = write_fast_recipe(tmp_path)
+    with pytest.raises(HarnessError, match="identical stages"):
+        build_sweep(str(recipe), [], [parse_grid("MASK_RATIOO=[0.5,0.75]")])
+
+
+def test_sweep_dry_run_of_100_points_is_fast_and_shows_the_arrays(tmp_path, capsys):
+    recipe = write_fast_recipe(tmp_path)
+    ratios = ",".join(f"{r / 100:.2f}" for r in range(5, 100, 10))
+    lrs = ",".join(f"{k}e-4" for k in range(1, 11))
+    start = time.perf_counter()
+    code = harness_main(["sweep", str(recipe), "--grid", f"MASK_RATIO=[{ratios}]", "--grid",
+                         f"pretrain/Stage.lr=[{lrs}]", "--dry-run", "--launcher", "slurm",
+                         "--results-dir", str(tmp_path / "results")])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert code == 0 and elapsed < 10, elapsed
+    assert "100 sweep points" in out and "201 distinct stages: 201 to run, 0 already done" in out
+    assert out.count("aftercorr:<level0>") == 100
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+# -- job graph and SLURM dependencies --------------------------------------------------------------------------
+def _job(sid: str, depth: int = 0, parent: str | None = None, children: int = 0) -> StageJob:
+    return StageJob(stage_id=sid, name=sid, experiment="e", gin_text="", stage_dir=Path("/nowhere") / sid,
+                    depth=depth, parent=parent, done=False, children=children)
+
+
+def test_level_dependency_is_aftercorr_only_for_a_one_to_one_mapping():
+    level0 = order_level([_job("scratch"), _job("p1", children=1), _job("p2", children=1)], {})
+    assert [j.stage_id for j in level0] == ["p1", "p2", "scratch"]  # parents of the next level first
+    subs = {j.stage_id: SlurmSubmission(j, f"7_{i}", "7", i) for i, j in enumerate(level0)}
+    level1 = order_level([_job("f2", 1, "p2"), _job("f1", 1, "p1")], subs)
+    assert [j.stage_id for j in level1] == ["f1", "f2"]
+    assert level_dependency(level1, subs) == "aftercorr:7"
+    # A parent that is already done is not submitted: the mapping breaks, wait for the specific elements.
+    del subs["p1"]
+    assert level_dependency(order_level(level1, subs), subs) == "afterok:7_1"
+    subs["p1"] = SlurmSubmission(level0[0], "9", None, None)  # a parent submitted as a plain job
+    assert level_dependency(order_level(level1, subs), subs) == "afterok:7_1:9"
+    assert level_dependency([_job("x")], {}) is None
+
+
+def test_preview_of_single_jobs_chains_afterok():
+    jobs = [_job("p", children=1), _job("s"), _job("f", 1, "p")]
+    preview = preview_levels(jobs, arrays=False)
+    assert [(d, [j.stage_id for j in lvl], dep) for d, lvl, dep in preview] == [
+        (0, ["p"], None), (0, ["s"], None), (1, ["f"], "afterok:<p-p>")]
+
+
+def test_shared_stage_folders_become_relative_symlinks(tmp_path):
+    job = _job("s")
+    job.stage_dir = tmp_path / "exp-a" / "scratch" / "scratch-1"
+    job.links = [tmp_path / "exp-b" / "scratch" / "scratch-1", tmp_path / "exp-c" / "scratch" / "scratch-1"]
+    job.links[1].mkdir(parents=True)  # a real folder from an earlier run is left alone
+    link_shared_folders(job)
+    assert job.links[0].is_symlink() and not os.readlink(job.links[0]).startswith("/")
+    assert job.links[0].resolve() == job.stage_dir.resolve()
+    assert not job.links[1].is_symlink()
+
+
+def test_job_file_keeps_earlier_job_ids(tmp_path):
+    write_job_file(tmp_path, "slurm", "11", array_index=None)
+    info = write_job_file(tmp_path, "slurm", "12_3", array_index=3)
+    saved = json.loads((tmp_path / "job.json").read_text())
+    assert saved == info and saved["job_id"] == "12_3" and saved["previous_job_ids"] == ["11"]
+
+
+# -- launcher specs ---------------------------------------------------------------------------------------------
+def test_launcher_from_name(monkeypatch, tmp_path):
+    import gin
+
+    with pytest.raises(HarnessError, match="inline, local, slurm"):
+        launcher_from_name("kubernetes")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(HarnessError, match="SLURM is not installed"):
+        launcher_from_name("slurm")
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    gin.clear_config()
+    gin.parse_config("default_launcher.launcher = @SlurmLauncher()\nSlurmLauncher.partition = 'gpu'")
+    try:
+        assert launcher_from_name(None) == SlurmLauncher(partition="gpu")
+        assert launcher_from_name("slurm").partition == "gpu"
+        assert isinstance(launcher_from_name("local"), LocalLauncher)
+    finally:
+        gin.clear_config()
+    assert isinstance(launcher_from_name(None), InlineLauncher)
+
+
+def test_slurm_spec_becomes_the_sbatch_script():
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    spec = SlurmLauncher(partition="gpu", account="lab", gpus_per_node=4, cpus_per_task=8, mem_gb_per_task=16,
+                         extra_sbatch=["--reservation=abc", "#SBATCH --exclusive"], setup=["module load cuda"],
+                         signal_delay_s=300, time_min=90)
+    params = spec.sbatch_parameters()
+    params.pop("array_parallelism")
+    script = _make_sbatch_string("python -m x", "/tmp/logs/%j", dependency="aftercorr:12", **params)
+    for line in ("--partition=gpu", "--account=lab", "--gpus-per-node=4", "--ntasks-per-node=4",
+                 "--cpus-per-task=8", "--mem=65536M", "--signal=USR2@300", "--time=90", "--requeue",
+                 "--kill-on-invalid-dep=yes", "--reservation=abc", "--exclusive", "--dependency=aftercorr:12"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "module load cuda" in script
+    with pytest.raises(HarnessError, match="long option"):
+        SlurmLauncher(extra_sbatch=["-p gpu"]).sbatch_parameters()
+
+
+# -- stage state (harness status) -------------------------------------------------------------------------------
+def _metrics(folder: Path, rows: list[tuple[int, float]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in rows))
+
+
+def test_stage_state_from_markers_job_file_and_queue(tmp_path):
+    stage = tmp_path / "s"
+    assert stage_state(stage, None).state == "pending"
+    write_job_file(stage, "slurm", "5_1", stderr=str(tmp_path / "err.log"))
+    queue = {"5_1": QueueEntry("PENDING", "Dependency")}
+    queued = stage_state(stage, queue)
+    assert (queued.state, queued.detail) == ("queued", "PENDING (Dependency)")
+    assert stage_state(stage, None).state == "unknown"
+    _metrics(stage, [(2, 0.9), (4, 0.7)])
+    assert stage_state(stage, queue).state == "requeued"  # pending again after making progress
+    running = stage_state(stage, {"5_1": QueueEntry("RUNNING", "None")})
+    assert (running.state, running.step, running.loss) == ("running", 4, 0.7)
+    (tmp_path / "err.log").write_text("\n".join(f"line {i}" for i in range(30)))
+    gone = stage_state(stage, {}, log_lines=3)
+    assert gone.state == "failed" and gone.log_tail == "line 27\nline 28\nline 29"
+    (stage / "FAILED").write_text("HarnessError: no images in /data\n")
+    assert stage_state(stage, {"5_1": QueueEntry("FAILED", "NonZeroExitCode")}).log_tail == \
+        "HarnessError: no images in /data"
+    (stage / "DONE").write_text("step 4\n")
+    assert stage_state(stage, {}).state == "done"
+
+    local = tmp_path / "l"
+    write_job_file(local, "local", str(os.getpid()), pid=os.getpid())
+    assert stage_state(local, None).state == "running"
+    write_job_file(local, "local", "1", pid=2 ** 22 + 12345)  # beyond pid_max: no such process
+    assert stage_state(local, None).state == "failed"
+
+
+def test_status_command_lists_every_stage(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    plan = {"experiment": "exp", "stages": {
+        "a" * 16: {"name": "pretrain", "dir": "two_stage/pretrain-aaaaaaaa", "arms": ["two_stage"], "depth": 0,
+                   "steps": 4},
+        "b" * 16: {"name": "finetune", "dir": "two_stage/finetune-bbbbbbbb", "arms": ["two_stage"], "depth": 1,
+                   "steps": 2}}}
+    (exp / "plan.json").write_text(json.dumps(plan))
+    done = exp / "two_stage" / "pretrain-aaaaaaaa"
+    _metrics(done, [(4, 0.5)])
+    (done / "DONE").write_text("")
+    failed = exp / "two_stage" / "finetune-bbbbbbbb"
+    _metrics(failed, [(1, 0.8)])
+    (failed / "FAILED").write_text("Traceback ...\nRuntimeError: out of memory\n")
+    assert harness_main(["status", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["stage"], r["state"], r["step"], r["loss"]) for r in rows] == [
+        ("pretrain", "done", 4, 0.5), ("finetune", "failed", 1, 0.8)]
+    assert rows[1]["log_tail"].endswith("RuntimeError: out of memory")
+    assert harness_main(["status", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 1 failed" in out and "RuntimeError: out of memory" in out
+    assert harness_main(["status", str(tmp_path / "nothing")]) == 2
+
+
+# -- the worker -------------------------------------------------------------------------------------------------
+def test_signals_only_set_the_stop_flag():
+    from harness.launch.worker import StopFlag, stop_on_signals
+
+    flag = StopFlag()
+    before = signal.getsignal(signal.SIGUSR2)
+    with stop_on_signals(flag):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert flag.is_set() and flag.signal_name == "SIGUSR2"
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_worker_requeues_on_slurm_warning_and_gives_up_after_max_requeues(monkeypatch):
+    import harness.launch.worker as worker
+    import harness.stage
+
+    def preempted(gin_text, stage_id, results_dir, stop_event=None):
+        stop_event.set("SIGUSR2")  # what the signal handler does
+        assert stop_event.is_set()
+        return {"status": "preempted", "stage_id": stage_id, "step": 7}
+
+    calls = []
+    monkeypatch.setattr(harness.stage, "run_stage", preempted)
+    monkeypatch.setattr(worker, "requeue_this_job", lambda: calls.append(os.environ["SLURM_JOB_ID"]))
+    # Not on SLURM: return the preempted result, a later launch resumes.
+    assert worker.run_stage_job("", "abc", "/r")["status"] == "preempted" and calls == []
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(worker, "distributed_from_env", _no_distributed)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(SystemExit):
+        worker.run_stage_job("", "abc", "/r", max_requeues=2)
+    assert calls == ["42"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with pytest.raises(HarnessError, match="max_requeues = 2"):
+        worker.run_stage_job("", "abc", "/r", max_requeues=2)
+    assert calls == ["42"]
+
+
+class _no_distributed:
+    def __enter__(self):
+        return 0, 1
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- real runs: inline and submitit's LocalExecutor -------------------------------------------------------------
+@pytest.mark.slow
+def test_local_executor_runs_the_stages_like_inline(tmp_path):
+    import torch
+
+    from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    recipe = write_fast_recipe(tmp_path)
+    text = load_recipe(recipe, ["Experiment.arms = {'two_stage': [@pretrain/Stage(), @finetune/Stage()]}"])
+    plan = plan_from_gin(text)
+    local = launch_plan(plan, text, tmp_path / "local", LocalLauncher(poll_seconds=0.2))
+    assert [(r["name"], r["status"]) for r in local] == [("pretrain", "done"), ("finetune", "done")]
+    jobs = [json.loads((Path(r["dir"]) / "job.json").read_text()) for r in local]
+    assert {j["launcher"] for j in jobs} == {"local"}
+    assert len({j["pid"] for j in jobs}) == 2 and os.getpid() not in {j["pid"] for j in jobs}  # subprocesses
+    # The fine-tuning process started after the pretraining stage was done.
+    pretrain_dir, finetune_dir = Path(local[0]["dir"]), Path(local[1]["dir"])
+    assert (finetune_dir / "stage.json").stat().st_mtime >= (pretrain_dir / "DONE").stat().st_mtime
+
+    inline = launch_plan(plan, text, tmp_path / "inline", InlineLauncher())
+    assert [r["status"] for r in inline] == ["done"] * 2
+    for a, b in zip(local, inline):  # same recipe, same weights, whichever launcher ran it
+        wa = load_checkpoint(newest_valid_checkpoint(Path(a["dir"]) / "checkpoints"))["model"]
+        wb = load_checkpoint(newest_valid_checkpoint(Path(b["dir"]) / "checkpoints"))["model"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    again = launch_plan(plan, text, tmp_path / "local", LocalLauncher(poll_seconds=0.2))
+    assert [r["status"] for r in again] == ["skipped"] * 2  # finished stages are not resubmitted
+
+
+@pytest.mark.slow
+def test_inline_failure_cancels_the_children_only(tmp_path):
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+    from harness.launch.run import raise_for_failures
+
+    recipe = write_fast_recipe(tmp_path)
+    text = load_recipe(recipe, ["pretrain/DataConfig.source = 'folder'",
+                                f"pretrain/DataConfig.root = '{tmp_path / 'missing'}'"])
+    results = launch_plan(plan_from_gin(text), text, tmp_path / "r")
+    assert [(r["name"], r["status"]) for r in results] == [("scratch", "done"), ("pretrain", "failed"),
+                                                           ("finetune", "cancelled")]
+    assert "does not exist" in (Path(results[1]["dir"]) / "FAILED").read_text()
+    assert not Path(results[2]["dir"]).exists()
+    with pytest.raises(HarnessError, match="2 stage"):
+        raise_for_failures(results)
