@@ -123,6 +123,19 @@ def test_preview_of_single_jobs_chains_afterok():
         (0, ["p"], None), (0, ["s"], None), (1, ["f"], "afterok:<p-p>")]
 
 
+def test_a_job_still_queued_from_an_earlier_launch_is_not_submitted_again(tmp_path):
+    from harness.launch.slurm import still_in_queue
+
+    job = _job("p")
+    job.stage_dir = tmp_path
+    assert still_in_queue(job, {}) is None  # never launched
+    write_job_file(tmp_path, "slurm", "8_2", array_job_id="8", array_index=2)
+    earlier = still_in_queue(job, {"8_2": QueueEntry("RUNNING", "None")})
+    assert (earlier.job_id, earlier.array_id, earlier.index) == ("8_2", "8", 2)  # children depend on it
+    assert still_in_queue(job, {"8_2": QueueEntry("FAILED", "NonZeroExitCode")}) is None
+    assert still_in_queue(job, {}) is None and still_in_queue(job, None) is None
+
+
 def test_shared_stage_folders_become_relative_symlinks(tmp_path):
     job = _job("s")
     job.stage_dir = tmp_path / "exp-a" / "scratch" / "scratch-1"
@@ -206,6 +219,9 @@ def test_stage_state_from_markers_job_file_and_queue(tmp_path):
     (stage / "FAILED").write_text("HarnessError: no images in /data\n")
     assert stage_state(stage, {"5_1": QueueEntry("FAILED", "NonZeroExitCode")}).log_tail == \
         "HarnessError: no images in /data"
+    cancelled = stage_state(stage, {"5_1": QueueEntry("CANCELLED", "DependencyNeverSatisfied")})
+    assert (cancelled.state, cancelled.detail) == ("failed", "cancelled: its parent stage did not finish "
+                                                             "(DependencyNeverSatisfied)")
     (stage / "DONE").write_text("step 4\n")
     assert stage_state(stage, {}).state == "done"
 

@@ -16,7 +16,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.launch.jobs import StageJob, Variant, build_jobs, link_shared_folders, write_job_file
 from harness.launch.specs import InlineLauncher, LauncherSpec, LocalLauncher, SlurmLauncher
-from harness.launch.state import stage_state, tail
+from harness.launch.state import PARENT_FAILED, tail
 from harness.launch.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,8 @@ def _run_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: Path, wai
         state = states[sid]
         if state.state == "done":
             results[sid] = _result(sub.stage, "done", sub.job_id)
-        elif "CANCELLED" in state.detail and "Dependency" in state.detail:
-            results[sid] = _result(sub.stage, "cancelled", sub.job_id, error="its parent stage did not finish")
+        elif state.detail.startswith(PARENT_FAILED):
+            results[sid] = _result(sub.stage, "cancelled", sub.job_id, error=state.detail)
         else:
             results[sid] = _result(sub.stage, "failed", sub.job_id,
                                    error=f"{state.detail}\n{state.log_tail}".strip())

@@ -20,6 +20,7 @@ _QUEUED = {"PENDING", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 _RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "STAGE_OUT", "SIGNALING"}
 _REQUEUED = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 ACTIVE_STATES = ("pending", "queued", "running", "requeued")
+PARENT_FAILED = "cancelled: its parent stage did not finish"
 
 
 @dataclass
@@ -128,6 +129,8 @@ def _job_state(job: dict, queue: dict[str, QueueEntry] | None, has_progress: boo
             return "queued", f"{entry.state} ({entry.reason})"
         if entry.state in _RUNNING:
             return "running", entry.state
+        if entry.state == "CANCELLED" and "Dependency" in entry.reason:  # --kill-on-invalid-dep
+            return "failed", f"{PARENT_FAILED} ({entry.reason})"
         return "failed", f"SLURM state {entry.state} ({entry.reason}) without a DONE marker"
     pid = job.get("pid")
     if pid and pid_alive(int(pid)):
