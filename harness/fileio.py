@@ -6,14 +6,19 @@ at a time and read back skipping a torn last line.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
 
 
 def _current_umask() -> int:
@@ -90,6 +95,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def rewrite_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in rows)
     atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` for the `with` block, waiting for any other holder.
+
+    flock locks belong to the open file and vanish with the process, so a killed run never leaves a stale
+    lock behind (a requeued SLURM job just takes it). `waiting` is logged when another process holds it.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise _writable_error(path, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s", waiting or f"waiting for another process to release {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_file(path: str | Path) -> str:

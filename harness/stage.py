@@ -7,6 +7,7 @@ FAILED (with the error) when the stage fails, so `harness status` and the report
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
@@ -19,9 +20,10 @@ from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
 from harness.config import operative_config
 from harness.errors import HarnessError
 from harness.experiment import DONE_MARKER, FAILED_MARKER, Plan, PlannedStage, plan_from_gin
-from harness.fileio import atomic_write_text
+from harness.fileio import atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"  # held (flock) by the process training the stage
 
 
 def pick_device(rank: int = 0) -> torch.device:
@@ -93,33 +95,40 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     device = pick_device(rank)
     spec.data.check()
     init_weights, init_source = initial_weights(plan, planned, results_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
-        _write_stage_files(plan, planned, run_dir, gin_text)
-        if hasattr(spec.data, "write_manifest"):
-            spec.data.write_manifest(run_dir / "data_manifest.json")
+    # One writer per run folder: a second run of the same stage (two `harness run`s, overlapping sweeps) waits
+    # here and then finds it done, instead of training beside the first and logging every row twice.
+    lock = (exclusive_lock(run_dir / LOCK_FILE, f"stage {spec.name}: {run_dir} is in use by another process; "
+                           "waiting for it to finish") if is_main else contextlib.nullcontext())
+    with lock:
+        if (run_dir / DONE_MARKER).is_file():
+            return {**summary, "status": "skipped"}
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
+            _write_stage_files(plan, planned, run_dir, gin_text)
+            if hasattr(spec.data, "write_manifest"):
+                spec.data.write_manifest(run_dir / "data_manifest.json")
 
-    evaluate = None
-    if spec.eval is not None:
-        from harness.evaluate import evaluate_stage
+        evaluate = None
+        if spec.eval is not None:
+            from harness.evaluate import evaluate_stage
 
-        def evaluate(ema, diffusion, step: int, cost: dict) -> None:
-            evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost)
+            def evaluate(ema, diffusion, step: int, cost: dict) -> None:
+                evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost)
 
-    ctx = TrainContext(spec=spec, stage_id=stage_id, run_dir=run_dir, device=device, init_weights=init_weights,
-                       init_source=init_source, stop_event=stop_event, rank=rank, world_size=world_size)
-    try:
-        trainer = Trainer(ctx, evaluate)
-        status = trainer.run()
-    except BaseException as err:
-        if is_main and not isinstance(err, KeyboardInterrupt):
-            detail = str(err) if isinstance(err, HarnessError) else traceback.format_exc()
-            atomic_write_text(run_dir / FAILED_MARKER, f"{type(err).__name__}: {detail}\n")
-        raise
-    if is_main:
-        trainer.cost.write(run_dir / "cost.json")
-        if status == "done":
-            atomic_write_text(run_dir / "config.gin", operative_config())
-            atomic_write_text(run_dir / DONE_MARKER, f"step {trainer.step}\n")
-    return {**summary, "status": status, "step": trainer.step, "cost": trainer.cost.to_json()}
+        ctx = TrainContext(spec=spec, stage_id=stage_id, run_dir=run_dir, device=device, init_weights=init_weights,
+                           init_source=init_source, stop_event=stop_event, rank=rank, world_size=world_size)
+        try:
+            trainer = Trainer(ctx, evaluate)
+            status = trainer.run()
+        except BaseException as err:
+            if is_main and not isinstance(err, KeyboardInterrupt):
+                detail = str(err) if isinstance(err, HarnessError) else traceback.format_exc()
+                atomic_write_text(run_dir / FAILED_MARKER, f"{type(err).__name__}: {detail}\n")
+            raise
+        if is_main:
+            trainer.cost.write(run_dir / "cost.json")
+            if status == "done":
+                atomic_write_text(run_dir / "config.gin", operative_config())
+                atomic_write_text(run_dir / DONE_MARKER, f"step {trainer.step}\n")
+        return {**summary, "status": status, "step": trainer.step, "cost": trainer.cost.to_json()}
