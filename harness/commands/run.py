@@ -75,37 +75,74 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(plan, results_dir)
         return 0
+    launcher = None
+    if args.launcher != "inline":
+        from harness.launch import launcher_from_name
+
+        launcher = launcher_from_name(args.launcher)  # before anything is written: a bad name costs nothing
     plan.write(results_dir)
 
-    if args.launcher == "inline":
-        run_inline(plan, gin_text, results_dir, stage_ids)
+    if launcher is None:
+        failures = run_inline(plan, gin_text, results_dir, stage_ids)
     else:
-        from harness.launch import launch_plan, launcher_from_name
+        from harness.launch import launch_plan, raise_for_failures
 
-        launcher = launcher_from_name(args.launcher)
-        launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
+        results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
         if args.no_wait:
             return 0
     if not args.no_report:
-        write_report(results_dir / plan.experiment)
+        write_report(results_dir / plan.experiment)  # failed arms show as failed, the others as usual
+    if launcher is None:
+        raise_inline_failures(failures, results_dir)
+    else:
+        raise_for_failures(results)
     return 0
 
 
-def run_inline(plan, gin_text: str, results_dir: Path, stage_ids: list[str]) -> None:
+def run_inline(plan, gin_text: str, results_dir: Path, stage_ids: list[str]) -> list[tuple[str, Exception]]:
+    """Train the stages in this process, in order. A failing stage does not stop the other arms: its error
+    is returned (stage id, exception) and its children are not started."""
     from harness.stage import run_stage
 
+    failures: list[tuple[str, Exception]] = []
+    blocked: set[str] = set()
     for sid in stage_ids:
         ps = plan.stages[sid]
         if plan.is_done(results_dir, sid):
             print(f"[{ps.name}] {sid[:8]} already done, skipped", file=sys.stderr)
             continue
+        if ps.parent in blocked:
+            print(f"[{ps.name}] {sid[:8]} not started: its parent stage failed", file=sys.stderr)
+            blocked.add(sid)
+            continue
         print(f"[{ps.name}] {sid[:8]} ({', '.join(ps.arms)}) -> {plan.stage_dir(results_dir, sid)}",
               file=sys.stderr)
-        result = run_stage(gin_text, sid, results_dir)
+        try:
+            result = run_stage(gin_text, sid, results_dir)
+        except Exception as err:  # the stage wrote FAILED; go on with the arms that do not depend on it
+            print(f"[{ps.name}] failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}",
+                  file=sys.stderr)
+            failures.append((sid, err))
+            blocked.add(sid)
+            continue
         cost = result.get("cost", {})
         print(f"[{ps.name}] {result['status']} at step {result.get('step')}: "
               f"{cost.get('train_seconds', 0):.1f} s training, {cost.get('eval_seconds', 0):.1f} s evaluating",
               file=sys.stderr)
+    return failures
+
+
+def raise_inline_failures(failures: list[tuple[str, Exception]], results_dir: Path) -> None:
+    """One failure: its own error (a bug keeps its traceback); several: one line naming them all."""
+    from harness.errors import HarnessError
+
+    if not failures:
+        return
+    if len(failures) == 1:
+        raise failures[0][1]
+    names = "; ".join(f"{sid[:8]}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+                      for sid, err in failures)
+    raise HarnessError(f"{len(failures)} stages failed ({names}); see `harness status {results_dir}`")
 
 
 def write_report(experiment_dir: Path) -> None:
