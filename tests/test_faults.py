@@ -1,0 +1,453 @@
+"""Fault injection: kills, corrupt checkpoints, crashes mid-write, concurrent writers, full disks, failing and
+diverging stages. Each test injects one fault and asserts what the harness guarantees afterwards.
+
+All training uses a micro recipe (one 6-step stage of a 3-block, 32-wide UViT, a checkpoint every step) so the
+whole file stays fast on 2 CPU cores. `reference` is the uninterrupted run every faulty run must end up equal to.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_RECIPE
+from fixtures.synthetic_runs import standard_experiment
+from harness import checkpoint as ckpt_mod
+from harness import fileio
+from harness.checkpoint import checkpoint_path, load_checkpoint, newest_valid_checkpoint, save_checkpoint
+from harness.cli import main as cli_main
+from harness.config import load_recipe
+from harness.experiment import plan_from_gin
+from harness.fileio import read_jsonl
+from harness.results import collect, read_records, write_records
+from harness.stage import run_stage
+
+STEPS = 6
+MICRO = TINY_RECIPE + f"""
+UViTConfig.embed_dim = 32
+UViTConfig.depth = 3
+UViTConfig.num_heads = 2
+DataConfig.num_images = 32
+Stage.batch_size = 4
+Stage.num_sample_images = 0
+Stage.log_every = 1
+Stage.checkpoint_every = 1
+Stage.keep_checkpoints = 3
+scratch/Stage.steps = {STEPS}
+Experiment.arms = {{'scratch': [@scratch/Stage()]}}
+"""
+
+
+@dataclass
+class Reference:
+    recipe: Path
+    gin_text: str
+    stage_id: str
+    stage_dir: Path  # relative to a results folder
+    state: dict  # the final checkpoint of an uninterrupted run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
+    root = tmp_path_factory.mktemp("reference")
+    recipe = root / "micro.gin"
+    recipe.write_text(MICRO)
+    text = load_recipe(recipe)
+    plan = plan_from_gin()
+    sid = plan.arms["scratch"][0]
+    assert run_stage(text, sid, root / "results")["status"] == "done"
+    stage_dir = plan.stage_dir(root / "results", sid)
+    state = load_checkpoint(checkpoint_path(stage_dir / "checkpoints", STEPS))
+    return Reference(recipe, text, sid, stage_dir.relative_to(root / "results"), state)
+
+
+class StopAfter:
+    """A stop event that is set once `steps` training steps have run (the loop asks once per step)."""
+
+    def __init__(self, steps: int) -> None:
+        self.calls, self.steps = 0, steps
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls > self.steps
+
+
+class Crash(BaseException):
+    """A stand-in for the process dying (not an Exception, so no handler mistakes it for a user error)."""
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+    for pid, slot in a["optimizer"]["state"].items():
+        for name, tensor in slot.items():
+            torch.testing.assert_close(b["optimizer"]["state"][pid][name], tensor, rtol=0, atol=0,
+                                       msg=f"optimizer.{pid}.{name}")
+
+
+def final_state(results: Path, ref: Reference) -> dict:
+    return load_checkpoint(checkpoint_path(results / ref.stage_dir / "checkpoints", STEPS))
+
+
+def logged_steps(stage_dir: Path) -> list[int]:
+    return [row["step"] for row in read_jsonl(stage_dir / "metrics.jsonl")]
+
+
+def harness_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", *args]
+
+
+# ------------------------------------------------------------------------------------------------- kills
+
+
+def test_sigkill_at_a_random_step_then_restart_gives_the_uninterrupted_weights(reference, tmp_path):
+    kill_at = random.randint(2, STEPS - 2)  # step 1's checkpoint is written by then
+    results = tmp_path / "results"
+    cmd = harness_cmd("run", str(reference.recipe), "--results-dir", str(results), "--no-report")
+    stage_dir = results / reference.stage_dir
+    with open(tmp_path / "first.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while max(logged_steps(stage_dir), default=0) < kill_at:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "the first run never reached the step to kill at"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"killed at step {kill_at}"
+    assert not (stage_dir / "DONE").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    retrained = [line for line in rerun.stderr.splitlines() if f"/{STEPS} loss" in line]
+    assert 0 < len(retrained) < STEPS, rerun.stderr  # it resumed rather than starting over
+    assert (stage_dir / "DONE").is_file()
+    assert_same_training_state(reference.state, final_state(results, reference))
+    assert logged_steps(stage_dir) == list(range(1, STEPS + 1)), f"killed at step {kill_at}"
+
+
+# ------------------------------------------------------------------------------------- corrupt checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
+def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path, caplog, damage):
+    results = tmp_path / "results"
+    assert run_stage(reference.gin_text, reference.stage_id, results, stop_event=StopAfter(4))["status"] == \
+        "preempted"
+    folder = results / reference.stage_dir / "checkpoints"
+    newest = checkpoint_path(folder, 4)
+    data = bytearray(newest.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+
+    assert newest_valid_checkpoint(folder) == checkpoint_path(folder, 3)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert run_stage(reference.gin_text, reference.stage_id, results)["status"] == "done"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step_0000004.pt" in w and "corrupt" in w for w in warnings), warnings
+    assert any("step_0000003.pt (step 3)" in r.getMessage() for r in caplog.records)  # resumed from the previous
+    assert_same_training_state(reference.state, final_state(results, reference))
+    assert logged_steps(results / reference.stage_dir) == list(range(1, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------------- crashes mid-write
+
+
+@pytest.mark.parametrize("moment", ["renaming the checkpoint", "before its checksum"])
+def test_crash_while_writing_a_checkpoint_leaves_nothing_taken_for_valid(reference, tmp_path, monkeypatch, moment):
+    results = tmp_path / "results"
+    folder = results / reference.stage_dir / "checkpoints"
+    target = checkpoint_path(folder, 4)
+    if moment == "renaming the checkpoint":
+        real_replace = fileio.os.replace
+
+        def replace(src, dst):
+            if Path(dst) == target:
+                raise Crash()
+            real_replace(src, dst)
+
+        monkeypatch.setattr(fileio.os, "replace", replace)
+    else:
+        real_write_text = ckpt_mod.atomic_write_text
+
+        def write_text(path, text):
+            if Path(path).name == target.name + ".sha256":
+                raise Crash()
+            real_write_text(path, text)
+
+        monkeypatch.setattr(ckpt_mod, "atomic_write_text", write_text)
+
+    with pytest.raises(Crash):
+        run_stage(reference.gin_text, reference.stage_id, results)
+    monkeypatch.undo()
+    assert target.exists() == (moment == "before its checksum")  # the .pt can be in place, its checksum not
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
+    assert newest_valid_checkpoint(folder) == checkpoint_path(folder, 3)
+    assert not (results / reference.stage_dir / "DONE").exists()
+    assert "Crash" in (results / reference.stage_dir / "FAILED").read_text()
+
+    assert run_stage(reference.gin_text, reference.stage_id, results)["status"] == "done"
+    assert not (results / reference.stage_dir / "FAILED").exists()
+    assert_same_training_state(reference.state, final_state(results, reference))
+
+
+def test_files_left_by_a_writer_killed_mid_write_are_never_valid(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint(folder, step, {"step": step, "w": torch.full((3,), float(step))})
+    good = checkpoint_path(folder, 2).read_bytes()
+    # What SIGKILL can leave behind: a temp file of step 5, step 4 renamed into place without its checksum,
+    # and step 3 with a checksum of other bytes (a torn rename on a flaky file system).
+    (folder / ".step_0000005.pt.x1y2.tmp").write_bytes(good[:10])
+    checkpoint_path(folder, 4).write_bytes(good[: len(good) // 2])
+    checkpoint_path(folder, 3).write_bytes(good)
+    (folder / "step_0000003.pt.sha256").write_text("0" * 64 + "\n")
+    with caplog.at_level(logging.WARNING):
+        newest = newest_valid_checkpoint(folder)
+    assert newest == checkpoint_path(folder, 2)
+    assert load_checkpoint(newest)["step"] == 2
+    assert sum("step_0000004.pt" in r.getMessage() or "step_0000003.pt" in r.getMessage()
+               for r in caplog.records) == 2
+
+
+def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(reference, tmp_path):
+    results = tmp_path / "results"
+    run_stage(reference.gin_text, reference.stage_id, results, stop_event=StopAfter(3))
+    metrics = results / reference.stage_dir / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"step": 4, "loss": 0.5, "gra')  # the process died in the middle of an append
+    assert logged_steps(results / reference.stage_dir) == [1, 2, 3]  # readers skip the torn line
+    assert run_stage(reference.gin_text, reference.stage_id, results)["status"] == "done"
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))  # every line parses
+
+
+def test_crash_while_writing_records_keeps_the_previous_table(tmp_path, monkeypatch):
+    folder = standard_experiment(tmp_path).dir
+    first = write_records(folder)
+    before = (folder / "records.parquet").read_bytes()
+    (folder / "scratch").rename(folder / "scratch-moved")  # the next table would differ
+    real_replace = fileio.os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "records.parquet":
+            raise Crash()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Crash):
+        write_records(folder)
+    monkeypatch.undo()
+    assert (folder / "records.parquet").read_bytes() == before
+    pd.testing.assert_frame_equal(read_records(folder), first)
+    assert not list(folder.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------- concurrent writers
+
+
+def _aggregate_repeatedly(folder: str, times: int) -> None:
+    for _ in range(times):
+        write_records(folder)
+
+
+def test_two_aggregations_at_once_never_tear_or_duplicate_rows(tmp_path):
+    folder = standard_experiment(tmp_path).dir
+    expected = collect(folder)
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_aggregate_repeatedly, args=(str(folder), 15)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    reads = 0
+    while any(w.is_alive() for w in workers):  # a reader meanwhile always sees a whole table
+        if (folder / "records.parquet").is_file():
+            pd.testing.assert_frame_equal(read_records(folder), expected)
+            reads += 1
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    assert reads > 0
+    pd.testing.assert_frame_equal(read_records(folder), expected)
+    csv = pd.read_csv(folder / "records.csv")
+    assert len(csv) == len(expected) and not csv.duplicated().any()
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_two_runs_into_one_results_folder_at_once(reference, tmp_path):
+    results = tmp_path / "results"
+    cmd = harness_cmd("run", str(reference.recipe), "--results-dir", str(results), "--no-report")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    stage_dir = results / reference.stage_dir
+    assert logged_steps(stage_dir) == list(range(1, STEPS + 1))  # no row twice
+    assert_same_training_state(reference.state, final_state(results, reference))
+    assert sum("already done" in e or "skipped" in e for e in errors) == 1  # the second waited, then skipped
+
+
+# ------------------------------------------------------------------------------------- full or read-only disk
+
+
+class FailingOs:
+    """`os` as seen by harness/fileio.py, with writes failing once `full()` says so."""
+
+    def __init__(self, full, code: int) -> None:
+        self._full, self._code = full, code
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def _check(self) -> None:
+        if self._full():
+            raise OSError(self._code, os.strerror(self._code))
+
+    def write(self, fd, data):
+        self._check()
+        return os.write(fd, data)
+
+    def fsync(self, fd):
+        self._check()
+        return os.fsync(fd)
+
+
+def test_disk_full_mid_training_is_a_clear_error_and_keeps_the_last_checkpoint(reference, tmp_path, monkeypatch,
+                                                                                 capsys):
+    results = tmp_path / "results"
+    folder = results / reference.stage_dir / "checkpoints"
+    monkeypatch.setattr(fileio, "os", FailingOs(lambda: (folder / "step_0000003.pt.sha256").exists(), errno.ENOSPC))
+    code = cli_main(["run", str(reference.recipe), "--results-dir", str(results), "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "No space left on device" in err[-1] and err[-1].startswith("harness run: error: cannot write")
+    assert not (results / reference.stage_dir / "DONE").exists()
+    monkeypatch.undo()
+    newest = newest_valid_checkpoint(folder)
+    assert newest == checkpoint_path(folder, 3) and load_checkpoint(newest)["step"] == 3
+
+
+def test_read_only_results_folder_is_a_clear_error(tmp_path, monkeypatch, capsys, reference):
+    # Tests run as root, where chmod does not stop writes: make every write of the harness fail instead.
+    results = tmp_path / "results"
+    monkeypatch.setattr(fileio, "os", FailingOs(lambda: True, errno.EROFS))
+    code = cli_main(["run", str(reference.recipe), "--results-dir", str(results), "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "Read-only file system" in err[0] and "--results-dir" in err[0]
+    assert not list(results.rglob("*.pt")) and not list(results.rglob("DONE"))
+
+    folder = standard_experiment(tmp_path / "synthetic").dir
+    assert cli_main(["report", str(folder), "--quiet"]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+    assert not (folder / "records.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------- failing stages, NaN
+
+
+def test_failing_stage_is_marked_failed_and_the_other_arms_still_report(reference, tmp_path, capsys):
+    recipe = tmp_path / "two_arms.gin"
+    recipe.write_text(MICRO + """
+diverge/Stage.lr = 1e30
+diverge/Stage.steps = 3
+Experiment.arms = {'diverge': [@diverge/Stage()], 'scratch': [@scratch/Stage()]}
+""")
+    results = tmp_path / "results"
+    code = cli_main(["run", str(recipe), "--results-dir", str(results)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "diverge" in err.strip().splitlines()[-1]
+    experiment = results / "tiny"
+    plan = json.loads((experiment / "plan.json").read_text())
+    dirs = {info["name"]: experiment / info["dir"] for info in plan["stages"].values()}
+    assert "at step 1" in (dirs["diverge"] / "FAILED").read_text()
+    assert (dirs["scratch"] / "DONE").is_file()
+    assert_same_training_state(reference.state, final_state(results, reference))
+
+    assert cli_main(["status", str(results), "--json"]) == 0
+    states = {r["stage"]: r["state"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert states == {"diverge": "failed", "scratch": "done"}
+    records = pd.read_csv(experiment / "records.csv")
+    assert set(records[records.arm == "diverge"].status) == {"failed"}
+    assert set(records[records.arm == "scratch"].status) == {"done"}
+    report = (experiment / "report.md").read_text()
+    assert any("diverge" in line and "failed" in line for line in report.splitlines())
+    assert any("scratch" in line and "done" in line for line in report.splitlines())
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """Make the training loss NaN for the batch of one chosen step (0-based), whatever the weights."""
+    from harness.diffusion import GaussianDiffusion
+    from harness.train import Trainer
+
+    current = {"step": -1}
+    real_draw, real_loss = Trainer.draw, GaussianDiffusion.loss_at
+
+    def draw(self, step):
+        current["step"] = step
+        return real_draw(self, step)
+
+    def install(bad_step: int) -> None:
+        def loss_at(self, *args, **kwargs):
+            loss = real_loss(self, *args, **kwargs)
+            return loss * float("nan") if current["step"] == bad_step else loss
+
+        monkeypatch.setattr(Trainer, "draw", draw)
+        monkeypatch.setattr(GaussianDiffusion, "loss_at", loss_at)
+
+    return install
+
+
+def test_nan_loss_stops_the_stage_naming_the_step_and_keeps_the_last_good_checkpoint(reference, tmp_path,
+                                                                                    nan_loss_at, capsys):
+    nan_loss_at(3)  # the 4th batch: steps 1-3 are done and checkpointed
+    results = tmp_path / "results"
+    code = cli_main(["run", str(reference.recipe), "--results-dir", str(results), "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "loss became nan at step 3" in err[-1] and "nan_policy" in err[-1]
+    stage_dir = results / reference.stage_dir
+    assert "at step 3" in (stage_dir / "FAILED").read_text() and not (stage_dir / "DONE").exists()
+    newest = newest_valid_checkpoint(stage_dir / "checkpoints")
+    assert newest == checkpoint_path(stage_dir / "checkpoints", 3)
+    state = load_checkpoint(newest)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_nan_policy_skip_skips_the_batch_and_goes_on(reference, tmp_path, nan_loss_at):
+    nan_loss_at(3)
+    text = reference.gin_text + "\nStage.nan_policy = 'skip'\nStage.keep_checkpoints = 10\n"
+    plan = plan_from_gin(text)
+    sid = plan.arms["scratch"][0]
+    results = tmp_path / "results"
+    assert run_stage(text, sid, results)["status"] == "done"
+    folder = plan.stage_dir(results, sid) / "checkpoints"
+    states = {s: load_checkpoint(checkpoint_path(folder, s)) for s in (3, 4, 5)}
+    for key in ("model", "ema"):  # the skipped batch changed nothing; the next one trained as usual
+        for name, tensor in states[3][key].items():
+            assert torch.equal(states[4][key][name], tensor), f"{key}.{name}"
+    assert any(not torch.equal(states[5]["model"][n], t) for n, t in states[4]["model"].items())
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(checkpoint_path(folder, STEPS))["model"].values())
+    rows = {r["step"]: r for r in read_jsonl(plan.stage_dir(results, sid) / "metrics.jsonl")}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert rows[4]["loss"] != rows[4]["loss"] and rows[5]["loss"] == rows[5]["loss"]  # NaN, then finite
