@@ -157,23 +157,20 @@ def fidelity_cache_root() -> Path:
 
 
 def _cache_files(name: str) -> list[Path]:
-    # torch-fidelity's own file names (utils.extract_featuresdict_from_input_id_cached and
-    # metric_fid.fid_input_id_to_statistics_cached); the manifest is ours and written last.
+    # torch-fidelity's own feature file name (utils.extract_featuresdict_from_input_id_cached); the manifest
+    # is ours and written last. torch-fidelity adds the FID statistics beside them on first use.
     root = fidelity_cache_root()
-    return [root / f"{name}-{EXTRACTOR}-features-{FEATURE_LAYER}.pt",
-            root / f"{name}-{EXTRACTOR}-stat-fid-{FEATURE_LAYER}.pt",
-            root / f"{name}.json"]
+    return [root / f"{name}-{EXTRACTOR}-features-{FEATURE_LAYER}.pt", root / f"{name}.json"]
 
 
 def reference_manifest(name: str) -> dict[str, Any]:
-    """What the cache records about a reference: image count, source, weights id, self-FID sanity check."""
+    """What the cache records about a reference: image count, source, weights file, creation time."""
     return json.loads(_cache_files(name)[-1].read_text())
 
 
 def cached_reference(name: str) -> Reference | None:
     """The complete cache entry `name`, or None."""
-    files = _cache_files(name)
-    if not all(f.is_file() for f in files):
+    if not all(f.is_file() for f in _cache_files(name)):
         return None
     manifest = reference_manifest(name)
     return Reference(name=name, num_images=int(manifest["num_images"]), source=manifest["source"])
@@ -189,42 +186,58 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, float]:
-    """torch-fidelity's calculate_metrics with the offline Inception and the harness's cache folder."""
-    import torch_fidelity
-
+def _options(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, Any]:
+    """torch-fidelity keyword arguments: the offline Inception, the harness's cache folder, the device."""
     fidelity_cache_root().mkdir(parents=True, exist_ok=True)
+    on_gpu = _device(device).type == "cuda"
     options = dict(
         feature_extractor=EXTRACTOR,
         feature_extractor_weights_path=str(weights),
-        cuda=_device(device).type == "cuda",
+        cuda=on_gpu,
         batch_size=batch_size,
         cache_root=str(fidelity_cache_root()),
         samples_find_ext=",".join(IMAGE_EXTS),
+        # On a CPU, Inception keeps every core busy: loader worker processes would only add forks.
+        save_cpu_ram=not on_gpu,
         verbose=verbose,
     )
     options.update(kwargs)
+    return options
+
+
+@contextmanager
+def _fidelity_errors() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
-            # torch-fidelity starts 4 loader workers; torch warns about it on machines with fewer cores.
+            # torch-fidelity starts 4 loader workers on a GPU; torch warns about it on machines with fewer cores.
             warnings.filterwarnings("ignore", message=".*DataLoader will create", category=UserWarning)
-            return dict(torch_fidelity.calculate_metrics(**options))
+            yield
     except ValueError as err:  # torch-fidelity reports bad inputs as ValueError
         raise HarnessError(f"torch-fidelity refused the inputs: {err}") from err
 
 
+def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, float]:
+    """torch-fidelity's calculate_metrics with the harness's options."""
+    import torch_fidelity
+
+    with _fidelity_errors():
+        return dict(torch_fidelity.calculate_metrics(**_options(batch_size, device, weights, verbose, **kwargs)))
+
+
 def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_size: int, device,
                      verbose: bool) -> Reference:
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
     n = len(list_images(folder))
     if n < 2:
         raise HarnessError(f"reference folder {folder} holds {n} images (png/jpg/jpeg at its top level); "
                            "point it at a folder of at least 2 images.")
-    # Scoring the folder against itself makes torch-fidelity extract and cache the features and the FID
-    # statistics under `name`; the FID it returns (~0) is a free sanity check.
-    self_fid = _fidelity(batch_size, device, weights, verbose, input1=str(folder), input2=str(folder),
-                         input1_cache_name=name, input2_cache_name=name, fid=True)
-    manifest = {"name": name, "num_images": n, "source": source, "weights_id": weights_id(weights),
-                "self_fid": self_fid["frechet_inception_distance"], "created": time.time()}
+    # The very function calculate_metrics uses to extract and cache an input's features under its cache name.
+    options = _options(batch_size, device, weights, verbose, input1=str(folder), input1_cache_name=name)
+    with _fidelity_errors():
+        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        extract_featuresdict_from_input_id_cached(1, extractor, **options)
+    manifest = {"name": name, "num_images": n, "source": source, "weights": str(weights), "created": time.time()}
     atomic_write_text(_cache_files(name)[-1], json.dumps(manifest, indent=1) + "\n")
     return Reference(name=name, num_images=n, source=source)
 

@@ -48,8 +48,8 @@ def test_pool3_features_equal_torchscript_after_the_same_resize(networks):
     assert (ours[0] - ours[1]).abs().max().item() > 1e-2
 
 
-def test_conversion_maps_all_convolutions_and_marks_the_missing_classifier():
-    state = inception.convert_torchscript(inception.torchscript_path())
+def test_conversion_maps_all_convolutions_and_marks_the_missing_classifier(networks):
+    state = torch.load(inception.weights_path(), map_location="cpu")  # the cached file torch-fidelity reads
     conv_weights = [k for k in state if k.endswith(".conv.weight")]
     assert len(conv_weights) == inception.NUM_CONVS == 94
     assert all(torch.equal(state[k.replace(".conv.weight", ".bn.weight")], torch.ones(state[k].shape[0]))

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from harness.errors import HarnessError
-    from harness.evaluate import dataset_reference, fidelity_cache_root, folder_reference, reference_manifest
+    from harness.evaluate import dataset_reference, fidelity_cache_root, folder_reference
 
     options = dict(batch_size=args.batch_size, device=args.device, verbose=True)
     if args.resolution is None:
@@ -33,7 +33,5 @@ def main(args: argparse.Namespace) -> int:
 
         data = DataConfig(source="folder", root=args.folder, resolution=args.resolution)
         reference = dataset_reference(data, args.weights, limit=args.limit, **options)
-    manifest = reference_manifest(reference.name)
     print(f"reference {reference.name}: {reference.num_images} images, cached in {fidelity_cache_root()}")
-    print(f"sanity check, FID of the set against itself: {manifest['self_fid']:.3g} (should be ~0)")
     return 0

@@ -1,0 +1,215 @@
+"""FID/KID/precision-recall through torch-fidelity, offline; reference caching; stage evaluation rows.
+
+Inception runs at 299x299 whatever the input (about 0.7 s per image on 2 CPU cores). To stay fast, these tests
+use tiny image sets (5-8 images of 32 px) and shrink torch-fidelity's internal resize to 75 px, the smallest
+input InceptionV3 takes (16x fewer FLOPs), with their own cache folder so that no 75-px features leak into other
+tests. Every comparison below is between two computations through the same extractor, so they test the
+plumbing exactly; tests/test_inception.py checks the canonical 299-px features themselves.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+import torch_fidelity.utils
+from PIL import Image
+
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from harness import evaluate as ev
+from harness import inception
+from harness.data import DataConfig
+from harness.diffusion import DiffusionConfig
+from harness.errors import HarnessError
+from harness.inception import weights_path
+from harness.models.uvit import UViTConfig
+from harness.sampling import SamplerConfig
+
+N = 8
+NOISE = (8, 32, 128)  # pixel std of the Gaussian noise added to the reference images
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("harness-cache-75px")
+
+
+@pytest.fixture(autouse=True)
+def _small_inception(_isolated_cache, small_cache, monkeypatch):
+    monkeypatch.setenv(inception.CACHE_ENV, str(small_cache))
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
+
+
+@pytest.fixture
+def canonical_inception(_small_inception, tmp_path_factory, monkeypatch):
+    """For assertions about what Inception sees (at 75 px, noise does not raise FID monotonically): the real
+    299-px input, with the session's cache (never the 75-px one)."""
+    monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "harness-cache"))
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 299)
+
+
+def _smooth_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Smooth colour fields (upsampled 4x4 noise): image-like enough to give varied Inception features."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, (n, 3, 4, 4))).float()
+    fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return fine.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _write(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fid-images")
+    reference = _smooth_images(N, seed=0)
+    rng = np.random.default_rng(1)
+    out = {"ref": _write(root / "ref", reference), "gen": _write(root / "gen", _smooth_images(N, seed=2))}
+    for sigma in NOISE:
+        noisy = np.clip(reference + rng.normal(0, sigma, reference.shape), 0, 255).astype(np.uint8)
+        out[f"noise{sigma}"] = _write(root / f"noise{sigma}", noisy)
+    return out
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list[str]:
+    """Every time torch-fidelity really runs Inception over an input (cache hits do not count)."""
+    calls: list[str] = []
+    real = torch_fidelity.utils.extract_featuresdict_from_input_id
+
+    def counting(input_id, feat_extractor, **kwargs):
+        calls.append(str(kwargs[f"input{input_id}"]))
+        return real(input_id, feat_extractor, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", counting)
+    return calls
+
+
+def test_scores_equal_torch_fidelitys_own_call(folders):
+    ours = ev.score_folders(folders["gen"], folders["ref"], ("fid", "kid"), kid_subset_size=4)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(folders["gen"]), input2=str(folders["ref"]), fid=True, kid=True, kid_subset_size=4,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights_path()),
+        cuda=False, cache=False, verbose=False)
+    fid = ours["frechet_inception_distance"]
+    assert fid > 1.0  # two different image sets
+    assert fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours["kernel_inception_distance_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"],
+                                                                   rel=1e-6)
+    # KID reports its spread over subsets
+    assert ours["kernel_inception_distance_std"] > 0
+    assert ours["kernel_inception_distance_std"] == pytest.approx(theirs["kernel_inception_distance_std"],
+                                                                  rel=1e-6)
+
+
+def test_a_set_against_itself_scores_perfectly(folders):
+    scores = ev.score_folders(folders["ref"], folders["ref"], "fid,prc")
+    assert abs(scores["frechet_inception_distance"]) < 1e-2
+    # every image lies inside its own k-NN ball: precision = recall = 1
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0
+
+
+def test_fid_grows_with_noise(folders, canonical_inception):
+    fids = [ev.score_folders(folders[f"noise{sigma}"], folders["ref"])["frechet_inception_distance"]
+            for sigma in NOISE]
+    assert 1.0 < fids[0] < fids[1] < fids[2]
+
+
+def test_reference_cache_reused_and_invalidated_when_the_folder_changes(tmp_path, folders, extractions):
+    ref = _write(tmp_path / "ref", _smooth_images(5, seed=5))
+    first = ev.folder_reference(ref)
+    assert first.num_images == 5 and len(extractions) == 1
+    again = ev.folder_reference(ref)
+    assert again == first and len(extractions) == 1  # served from the cache
+
+    ev.score_folders(folders["gen"], ref, ("fid", "kid"), kid_subset_size=4)
+    ev.score_folders(folders["gen"], ref, ("fid", "kid"), kid_subset_size=4)
+    assert extractions[1:] == [str(folders["gen"])] * 2  # only the generated side is recomputed
+
+    _write(tmp_path / "ref", _smooth_images(6, seed=6))  # a changed folder: other content, one more image
+    changed = ev.folder_reference(ref)
+    assert changed.name != first.name and changed.num_images == 6 and len(extractions) == 4
+    assert ev.reference_manifest(changed.name)["num_images"] == 6
+
+
+def test_bad_inputs_fail_clearly_before_any_feature_extraction(tmp_path, folders, extractions):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(HarnessError, match="no images"):
+        ev.score_folders(folders["gen"], empty)
+    with pytest.raises(HarnessError, match="KID subset size 100 exceeds the 8"):
+        ev.score_folders(folders["gen"], folders["ref"], "fid,kid", kid_subset_size=100)
+    with pytest.raises(HarnessError, match="does not exist"):
+        ev.score_folders(folders["gen"], folders["ref"], weights=tmp_path / "missing.pth")
+    with pytest.raises(HarnessError, match="Inception Score"):
+        ev.score_folders(folders["gen"], folders["ref"], "fid,isc")
+    with pytest.raises(HarnessError, match="unknown metric"):
+        ev.check_metrics("fid,lpips")
+    assert extractions == []
+
+
+# --------------------------------------------------------------------------------------------- evaluate_stage
+
+
+def _stage_parts():
+    model = UViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2).build()
+    diffusion = DiffusionConfig(timesteps=50).build()
+    data = DataConfig(source="shapes", resolution=16, num_images=6, seed=3)
+    return model, diffusion, data
+
+
+def _eval_cfg(**overrides) -> ev.EvalConfig:
+    options = dict(num_samples=5, batch_size=3, sampler=SamplerConfig(kind="ddim", steps=2, eta=1.0),
+                   metrics=("fid", "kid"), kid_subset_size=4, steps=(2,), seed=7, feature_batch_size=8)
+    options.update(overrides)
+    return ev.EvalConfig(**options)
+
+
+def test_evaluate_stage_at_two_steps_writes_two_rows(tmp_path, extractions):
+    model, diffusion, data = _stage_parts()
+    cfg = _eval_cfg()
+    assert cfg.eval_steps(4) == [2, 4]
+    run_dir = tmp_path / "run"
+    rows = [ev.evaluate_stage(model, diffusion, data, cfg if step == 2 else _eval_cfg(keep_samples=True), step,
+                              run_dir, "cpu", extra={"images_seen": 16 * step, "train_seconds": 1.5 * step})
+            for step in cfg.eval_steps(4)]
+    written = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert written == rows and [r["step"] for r in written] == [2, 4]
+    for row in written:
+        assert row["n_samples"] == 5 and row["n_reference"] == 6
+        assert (row["sampler"], row["sampler_steps"], row["eta"]) == ("ddim", 2, 1.0)
+        assert row["frechet_inception_distance"] > 0 and row["kernel_inception_distance_std"] >= 0
+        assert row["sample_seconds"] > 0 and row["score_seconds"] > 0
+    assert [r["images_seen"] for r in written] == [32, 64]
+    assert written[0]["reference"] == written[1]["reference"]
+    # same seed, same (untrained) model: the same samples, hence the same scores at both steps
+    assert written[0]["frechet_inception_distance"] == pytest.approx(written[1]["frechet_inception_distance"])
+    # the reference was extracted once (on its first use, unless an earlier test cached it), samples twice
+    assert len(extractions) in (2, 3)
+    kept = sorted((run_dir / "eval_samples" / "step_0000004").glob("*.png"))
+    assert len(kept) == 5 and not (run_dir / "eval_samples" / "step_0000002").exists()
+    assert Image.open(kept[0]).size == (16, 16)
+
+
+def test_evaluate_stage_writes_no_row_when_it_fails(tmp_path, extractions):
+    model, diffusion, data = _stage_parts()
+    run_dir = tmp_path / "run"
+    with pytest.raises(HarnessError, match="KID subset size 6 exceeds the 5"):
+        _eval_cfg(kid_subset_size=6)  # caught when the config is made, before any training
+    too_few = _eval_cfg(num_samples=8, kid_subset_size=8)  # more than the 6 reference images
+    with pytest.raises(HarnessError, match="KID subset size 8 exceeds the 6 reference"):
+        ev.evaluate_stage(model, diffusion, data, too_few, 2, run_dir, "cpu", extra={})
+    with pytest.raises(HarnessError, match="does not exist"):
+        ev.evaluate_stage(model, diffusion, data, _eval_cfg(weights_path=str(tmp_path / "nope.pth")), 2,
+                          run_dir, "cpu", extra={})
+    assert not (run_dir / "eval.jsonl").exists()
+    assert not (run_dir / "eval_samples").exists()
