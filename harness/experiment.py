@@ -80,6 +80,7 @@ class Stage:
         if not self.name:
             self.name = gin.current_scope_str().split("/")[-1] or "train"
         check_name(self.name, "stage")
+        _check_plain_types(self)
         self.mask = self.mask if self.mask is not None else NoMask()
         self.model = self.model if self.model is not None else UViTConfig()
         self.data = self.data if self.data is not None else DataConfig()
@@ -100,6 +101,34 @@ class Stage:
     def describe(self) -> dict[str, Any]:
         """The stage as plain data: what its id hashes and what stage.json records."""
         return _plain(self)
+
+
+# Annotations of Stage's plain fields -> the Python types gin may hand them (an int is a fine float).
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_plain_types(stage: Stage) -> None:
+    """gin passes values as written: refuse `steps = 'ten'` or `lr = '1e-4'` now, not hours into a run."""
+    for f in dataclasses.fields(stage):
+        annotation = str(f.type).replace(" ", "")
+        base = annotation.removesuffix("|None")
+        value = getattr(stage, f.name)
+        if value is None and base != annotation:
+            continue
+        if base in _PLAIN_TYPES:
+            ok = isinstance(value, _PLAIN_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+        elif base == "tuple[float,float]":
+            ok = (isinstance(value, (list, tuple)) and len(value) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        else:  # components (Any): checked by their own specs
+            continue
+        if not ok:
+            raise HarnessError(f"stage '{stage.name}': {f.name} = {value!r} is not a valid "
+                               f"{annotation.replace('|', ' | ')}; fix the binding (e.g. Stage.{f.name} = "
+                               f"{_EXAMPLES.get(base, '...')})")
+
+
+_EXAMPLES = {"int": "100", "float": "2e-4", "str": "'name'", "bool": "True", "tuple[float,float]": "(0.9, 0.99)"}
 
 
 def _plain(obj: Any) -> Any:
@@ -219,7 +248,7 @@ def plan_from_gin(gin_text: str | None = None) -> Plan:
         parse_gin_text(gin_text)
     try:
         experiment = Experiment()
-    except TypeError as err:
+    except (TypeError, RuntimeError) as err:  # gin: TypeError for an undefined macro, RuntimeError for REQUIRED
         friendly = explain_missing_macro(err)
         if friendly is not None:
             raise friendly from err
