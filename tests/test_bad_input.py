@@ -1,0 +1,183 @@
+"""Bad input through the CLI: each mistake gives one clear line, exit status 2, and nothing written as if done.
+
+Complements tests/test_engine.py (unknown configurable or parameter, syntax error, bad precision, '..' in the
+experiment name, empty arms, bad block size, missing macro, missing data folder, strict parent loading).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import TINY_RECIPE
+from harness.cli import main as cli_main
+
+# One 2-step stage per arm of a 3-block, 32-wide model: enough to reach the data and the weights, fast.
+MICRO = TINY_RECIPE + """
+UViTConfig.embed_dim = 32
+UViTConfig.depth = 3
+UViTConfig.num_heads = 2
+DataConfig.num_images = 16
+Stage.batch_size = 4
+Stage.num_sample_images = 0
+pretrain/Stage.steps = 2
+finetune/Stage.steps = 2
+scratch/Stage.steps = 2
+"""
+
+
+def fails_cleanly(argv: list[str], capsys, *expected: str, results: Path | None = None) -> str:
+    """Run the CLI; assert status 2, a single error line holding `expected`, and no finished work written."""
+    code = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err, "no error message"
+    last = err[-1]
+    assert last.startswith(f"harness {argv[0]}: error: "), err
+    for text in expected:
+        assert text in last, last
+    if results is not None and results.exists():
+        assert not list(results.rglob("DONE")) and not list(results.rglob("*.pt"))
+        for records in results.rglob("records.csv"):  # a report may list the stage, as failed
+            assert "done" not in set(pd.read_csv(records).status)
+    return last
+
+
+@pytest.fixture
+def micro(tmp_path) -> Path:
+    path = tmp_path / "micro.gin"
+    path.write_text(MICRO)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+@pytest.mark.parametrize("binding, shown", [
+    ("scratch/Stage.steps = 'ten'", "steps = 'ten' is not a valid int"),
+    ("scratch/Stage.steps = True", "steps = True is not a valid int"),
+    ("scratch/Stage.lr = 'fast'", "lr = 'fast' is not a valid float"),
+    ("scratch/Stage.seed = 1.5", "seed = 1.5 is not a valid int"),
+    ("Stage.betas = 5", "betas = 5 is not a valid tuple"),
+    ("Stage.batch_size = None", "batch_size = None"),
+    ("Stage.ema_warmup = 'yes'", "ema_warmup = 'yes' is not a valid bool"),
+])
+def test_wrong_value_type(micro, tmp_path, capsys, binding, shown):
+    results = tmp_path / "results"
+    fails_cleanly(["run", str(micro), "--gin", binding, "--dry-run", "--results-dir", str(results)], capsys,
+                  shown, "fix the binding")
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("include 'backbones/uvit_tiny.gin'\nStage.steps = 3\n", "['name', 'arms']"),
+    ("Experiment.name = 'x'\n", "['arms']"),
+    ("", "Experiment.name and Experiment.arms"),
+    ("Experiment.name = 'x'\nExperiment.arms = {'a': []}\n", "arm 'a' of experiment 'x' has no stages"),
+])
+def test_recipe_without_experiment_or_arms(tmp_path, capsys, text, shown):
+    recipe = tmp_path / "bare.gin"
+    recipe.write_text(text)
+    results = tmp_path / "results"
+    fails_cleanly(["run", str(recipe), "--results-dir", str(results)], capsys, shown)
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("bindings, shown", [
+    (["MASK_RATIO = 1.5"], "BlockMask.ratio must be in [0, 1)"),
+    (["MASK_RATIO = -0.1"], "BlockMask.ratio must be in [0, 1)"),
+    (["pretrain/Stage.mask = @PatchMask()", "PatchMask.ratio = 1.0"], "PatchMask.ratio"),
+    (["pretrain/Stage.mask = @CropMask()", "CropMask.crop_size = 9"], "does not fit the 8x8 patch grid"),
+    (["pretrain/Stage.mask = @CropMask()", "CropMask.crop_size = 0"], "CropMask.crop_size=0"),
+])
+def test_mask_parameters_out_of_range(micro, tmp_path, capsys, bindings, shown):
+    results = tmp_path / "results"
+    argv = ["run", str(micro), "--dry-run", "--results-dir", str(results)]
+    for binding in bindings:
+        argv += ["--gin", binding]
+    fails_cleanly(argv, capsys, shown)
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("bindings, shown", [
+    (["EvalConfig.num_samples = 1"], "only 1 generated image(s)"),
+    (["EvalConfig.num_samples = 10"], "KID subset size 1000 exceeds the 10 generated images"),
+    (["EvalConfig.num_samples = 3", "EvalConfig.metrics = ('prc',)"], "precision/recall need more than 3"),
+])
+def test_evaluation_with_fewer_samples_than_the_metric_needs(micro, tmp_path, capsys, bindings, shown):
+    results = tmp_path / "results"
+    argv = ["run", str(micro), "--results-dir", str(results), "--gin", "scratch/Stage.eval = @EvalConfig()"]
+    for binding in bindings:
+        argv += ["--gin", binding]
+    fails_cleanly(argv, capsys, shown)
+    assert not results.exists()
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def test_unknown_launcher(micro, tmp_path, capsys):
+    results = tmp_path / "results"
+    fails_cleanly(["run", str(micro), "--launcher", "kubernetes", "--results-dir", str(results)], capsys,
+                  "unknown launcher 'kubernetes'", "inline")
+    assert not results.exists()
+
+
+def test_slurm_launcher_without_slurm(micro, tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"  # a PATH with no sbatch, whatever this machine has installed
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    results = tmp_path / "results"
+    fails_cleanly(["run", str(micro), "--launcher", "slurm", "--results-dir", str(results)], capsys,
+                  "SLURM is not installed", "sbatch", "--launcher local")
+    assert not results.exists()
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _png(path: Path, width: int, height: int, seed: int = 0) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.mark.parametrize("problem", ["empty", "corrupt image", "mixed sizes without resize"])
+def test_bad_data_folder(micro, tmp_path, capsys, problem):
+    data = tmp_path / "images"
+    data.mkdir()
+    bindings = ["DataConfig.source = 'folder'", f"DataConfig.root = '{data}'"]
+    if problem == "corrupt image":
+        for i in range(4):
+            _png(data / f"{i}.png", 32, 32, seed=i)
+        (data / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+        shown = ["cannot read image", "2.png"]
+    elif problem == "mixed sizes without resize":
+        for i in range(4):
+            _png(data / f"{i}.png", 32 if i != 3 else 40, 32, seed=i)
+        bindings.append("DataConfig.center_crop = False")
+        shown = ["3.png is 40x32", "center_crop"]
+    else:
+        shown = ["has no images", str(data)]
+    results = tmp_path / "results"
+    argv = ["run", str(micro), "--results-dir", str(results), "--stage", "scratch"]
+    for binding in bindings:
+        argv += ["--gin", binding]
+    fails_cleanly(argv, capsys, *shown, results=results)
+
+
+def test_finetuning_a_parent_of_another_architecture(micro, tmp_path, capsys):
+    results = tmp_path / "results"
+    base = ["run", str(micro), "--results-dir", str(results), "--no-report"]
+    assert cli_main(base + ["--stage", "pretrain"]) == 0
+    capsys.readouterr()
+    # Only the fine-tuning stage is widened: the parent keeps its id (and its trained folder).
+    fails_cleanly(base + ["--stage", "finetune", "--gin", "finetune/UViTConfig.embed_dim = 48"], capsys,
+                  "do not fit this stage's model", "shape mismatch")
+    done = list(results.rglob("DONE"))
+    assert [p.parent.name.split("-")[0] for p in done] == ["pretrain"]  # the finetune stage is not done
+    finetune = [p for p in (results / "tiny" / "two_stage").iterdir() if p.name.startswith("finetune-")]
+    assert len(finetune) == 1 and not list(finetune[0].rglob("*.pt"))
+    assert "shape mismatch" in (finetune[0] / "FAILED").read_text()
