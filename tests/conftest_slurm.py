@@ -55,8 +55,11 @@ def in_ci() -> bool:
 def node_ready() -> bool:
     if shutil.which("sinfo") is None:
         return False
-    out = subprocess.run(["sinfo", "--noheader", "--responding", "-o", "%t"], capture_output=True, text=True,
-                         timeout=30)
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--responding", "-o", "%t"], capture_output=True, text=True,
+                             timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
     return out.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split())
 
 

@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "ci/slurm/start.sh: must run as root (it starts munged, slurmctld and slurmd)" >&2
     exit 1
 fi
-for tool in munged slurmctld slurmd sinfo; do
+for tool in munged munge slurmctld slurmd sinfo; do
     command -v "$tool" >/dev/null || { echo "ci/slurm/start.sh: $tool not found; run ci/slurm/install.sh" >&2; exit 1; }
 done
 
@@ -33,7 +33,7 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
 chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key && chmod 0755 /run/munge
-if ! pgrep -x munged >/dev/null; then
+if ! munge -n >/dev/null 2>&1; then  # no daemon answering yet
     runuser -u munge -- munged
 fi
 
@@ -44,8 +44,9 @@ host="$(hostname -s)"
 sed -e "s|@HOSTNAME@|$host|" -e "s|@STATE_DIR@|$state_dir|g" -e "s|@LOG_DIR@|$log_dir|g" \
     -e "s|@NODE_LINE@|$node_line NodeAddr=127.0.0.1|" "$here/slurm.conf.in" > "$conf"
 
-pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # a daemon alive per its pid file
+running "$state_dir/slurmctld.pid" || slurmctld
+running "$state_dir/slurmd.pid" || slurmd
 
 # Wait for the node; resume it if an earlier run left it down or drained.
 for _ in $(seq "$timeout"); do
