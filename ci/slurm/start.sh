@@ -21,7 +21,8 @@ for tool in munged munge slurmctld slurmd sinfo; do
 done
 
 node_idle() { sinfo --noheader --responding -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
-if node_idle; then
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # a daemon alive per its pid file
+if running "$state_dir/slurmctld.pid" && node_idle; then
     echo "SLURM already running:"; sinfo
     exit 0
 fi
@@ -44,7 +45,6 @@ host="$(hostname -s)"
 sed -e "s|@HOSTNAME@|$host|" -e "s|@STATE_DIR@|$state_dir|g" -e "s|@LOG_DIR@|$log_dir|g" \
     -e "s|@NODE_LINE@|$node_line NodeAddr=127.0.0.1|" "$here/slurm.conf.in" > "$conf"
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # a daemon alive per its pid file
 running "$state_dir/slurmctld.pid" || slurmctld
 running "$state_dir/slurmd.pid" || slurmd
 
