@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
+import dataclasses
 import logging
 import re
+import tokenize
 from pathlib import Path
+from typing import Any
 
 import gin
 
@@ -109,11 +112,38 @@ def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
     try:
         with _quiet_gin_search():
             gin.parse_config_files_and_bindings([str(path)], bindings or [], finalize_config=False)
-    except (ValueError, KeyError, TypeError, OSError, SyntaxError) as err:
+    except (ValueError, KeyError, TypeError, OSError, SyntaxError, tokenize.TokenError) as err:
         source = str(path) if not bindings else f"{path} + --gin overrides"
         raise _explain_gin_error(err, source) from err
     text = gin.config_str()
     return text
+
+
+# Annotation of a plain spec field -> the Python types a binding may give it (an int is a fine float).
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_EXAMPLES = {"int": "100", "float": "2e-4", "str": "'name'", "bool": "True", "tuple[float,float]": "(0.9, 0.99)"}
+
+
+def check_field_types(spec: Any, owner: str) -> None:
+    """gin passes values as written: refuse `steps = 'ten'` or `lr = '1e-4'` when the spec is made, not hours
+    into a run. Checks the plain fields of a dataclass spec (int, float, str, bool, optional ones, a float pair);
+    fields annotated otherwise (components) are left to their own specs."""
+    for f in dataclasses.fields(spec):
+        annotation = str(f.type).replace(" ", "")
+        base = annotation.removesuffix("|None")
+        value = getattr(spec, f.name)
+        if value is None and base != annotation:
+            continue
+        if base in _PLAIN_TYPES:
+            ok = isinstance(value, _PLAIN_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+        elif base == "tuple[float,float]":
+            ok = (isinstance(value, (list, tuple)) and len(value) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        else:
+            continue
+        if not ok:
+            raise HarnessError(f"{owner}: {f.name} = {value!r} is not a valid {annotation.replace('|', ' | ')}; "
+                               f"fix the binding (e.g. {type(spec).__name__}.{f.name} = {_EXAMPLES.get(base, '...')})")
 
 
 def parse_gin_text(text: str) -> None:

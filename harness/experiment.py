@@ -72,20 +72,28 @@ class Stage:
 
     def __post_init__(self) -> None:
         # Imported here: these modules import torch, which a plan does not otherwise need.
+        from harness.config import check_field_types
         from harness.data import DataConfig
         from harness.diffusion import DiffusionConfig
-        from harness.masks import NoMask
+        from harness.evaluate import EvalConfig
+        from harness.masks import Mask, NoMask
         from harness.models.uvit import UViTConfig
 
         if not self.name:
             self.name = gin.current_scope_str().split("/")[-1] or "train"
         check_name(self.name, "stage")
-        _check_plain_types(self)
+        check_field_types(self, f"stage '{self.name}'")
         self.mask = self.mask if self.mask is not None else NoMask()
         self.model = self.model if self.model is not None else UViTConfig()
         self.data = self.data if self.data is not None else DataConfig()
         self.diffusion = self.diffusion if self.diffusion is not None else DiffusionConfig()
         self.betas = tuple(self.betas)
+        for key, kind in (("mask", Mask), ("model", UViTConfig), ("data", DataConfig),
+                          ("diffusion", DiffusionConfig), ("eval", EvalConfig)):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
+                                   f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
         for key, allowed in (("precision", ("auto", "fp32", "bf16", "fp16")), ("init_from", ("raw", "ema")),
                              ("nan_policy", ("stop", "skip"))):
             if getattr(self, key) not in allowed:
@@ -93,6 +101,9 @@ class Stage:
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise HarnessError(f"stage '{self.name}': {key} must be at least 1, got {getattr(self, key)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise HarnessError(f"stage '{self.name}': micro_batch_size must be at least 1 (or None), got "
+                               f"{self.micro_batch_size}")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise HarnessError(f"stage '{self.name}': micro_batch_size {self.micro_batch_size} must divide "
                                f"batch_size {self.batch_size}")
@@ -101,34 +112,6 @@ class Stage:
     def describe(self) -> dict[str, Any]:
         """The stage as plain data: what its id hashes and what stage.json records."""
         return _plain(self)
-
-
-# Annotations of Stage's plain fields -> the Python types gin may hand them (an int is a fine float).
-_PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _check_plain_types(stage: Stage) -> None:
-    """gin passes values as written: refuse `steps = 'ten'` or `lr = '1e-4'` now, not hours into a run."""
-    for f in dataclasses.fields(stage):
-        annotation = str(f.type).replace(" ", "")
-        base = annotation.removesuffix("|None")
-        value = getattr(stage, f.name)
-        if value is None and base != annotation:
-            continue
-        if base in _PLAIN_TYPES:
-            ok = isinstance(value, _PLAIN_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
-        elif base == "tuple[float,float]":
-            ok = (isinstance(value, (list, tuple)) and len(value) == 2
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-        else:  # components (Any): checked by their own specs
-            continue
-        if not ok:
-            raise HarnessError(f"stage '{stage.name}': {f.name} = {value!r} is not a valid "
-                               f"{annotation.replace('|', ' | ')}; fix the binding (e.g. Stage.{f.name} = "
-                               f"{_EXAMPLES.get(base, '...')})")
-
-
-_EXAMPLES = {"int": "100", "float": "2e-4", "str": "'name'", "bool": "True", "tuple[float,float]": "(0.9, 0.99)"}
 
 
 def _plain(obj: Any) -> Any:
@@ -248,6 +231,9 @@ def plan_from_gin(gin_text: str | None = None) -> Plan:
         parse_gin_text(gin_text)
     try:
         experiment = Experiment()
+    except RecursionError as err:
+        raise HarnessError("the recipe refers to a component inside itself (e.g. `scratch/Stage.steps = "
+                           "@scratch/Stage()`); check the @references of your --gin bindings") from err
     except (TypeError, RuntimeError) as err:  # gin: TypeError for an undefined macro, RuntimeError for REQUIRED
         friendly = explain_missing_macro(err)
         if friendly is not None:
