@@ -49,6 +49,9 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from harness.config import check_field_types  # here: config imports this module to register it
+
+        check_field_types(self, "DataConfig")
         if self.source not in SOURCES:
             raise HarnessError(f"DataConfig.source={self.source!r} is not known; use one of {SOURCES}")
         if self.source == "folder" and not self.root:
