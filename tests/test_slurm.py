@@ -110,7 +110,7 @@ def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster
     from harness.launch import SlurmLauncher, launch_plan
     from harness.launch.state import slurm_queue, stage_state
 
-    steps = 200
+    steps = 100  # long enough to signal mid-training (the test reacts within ~0.1 s), short enough to finish
     recipe = write_fast_recipe(tmp_path)
     text = load_recipe(recipe, [f"scratch/Stage.steps = {steps}", "Stage.checkpoint_every = 1000",
                                 "Stage.keep_checkpoints = 5",
@@ -122,7 +122,7 @@ def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster
     job_id, stage_dir = out["job_id"], Path(out["dir"])
 
     wait_until(lambda: (stage_dir / "metrics.jsonl").is_file() and len(_steps(stage_dir)) >= 3, 120,
-               "the job to train a few steps")
+               "the job to train a few steps", every=0.05)
     # SLURM's warning signal (what --signal=USR2@N sends before the time limit, or a preemption notice).
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1"
