@@ -1,0 +1,364 @@
+"""`harness bench`: what a recipe's training step really costs, measured on the real step.
+
+Each row times `Trainer.train_step` (the step a stage runs: draw the batch, noise and mask, forward, backward,
+clipping, AdamW, EMA) after a warm-up, and reports its median time, throughput, the FLOPs that
+`harness.cost.measure_step_flops` counts for it (forward + backward; the optimizer's elementwise work is not
+counted but its time is in the step), the achieved FLOP/s, peak memory, and what the whole stage would cost.
+
+Two ratios are measured in the same run, so that the machine's speed and load cancel:
+- **mask efficiency** (`compare_mask`): the stage's masked step against the same model and batch without a
+  mask, timed interleaved (masked, unmasked, masked, ...); `time ratio / FLOPs ratio` is 1 when dropping
+  tokens removes exactly its share of the time, and grows with the fixed per-step cost (optimizer, EMA).
+- **step efficiency**: achieved FLOP/s against a plain `torch.matmul` of the model's MLP shape,
+  (batch x tokens, width) x (width, mlp hidden), timed between the rounds of steps.
+
+Beside them: the data loader's images/s (`dataset.get_batch` alone) and the evaluation sampler's images/s
+(a few DDIM steps timed, scaled to the sampler's step count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.errors import HarnessError
+from harness.experiment import PlannedStage, Stage
+
+MASK_TARGET = 1.25  # issue 7, target 1: masked time ratio <= 1.25 x the FLOPs ratio
+MATMUL_TARGET = 0.75  # issue 7, target 2 (CPU float32): step FLOP/s >= 75% of the matmul's
+
+
+@dataclass
+class BenchOptions:
+    batch_size: int | None = None  # None: each stage's own batch size
+    steps: int = 10  # timed steps per row
+    warmup: int = 2  # untimed steps first (allocator, kernels and caches warm up)
+    device: str = "cpu"
+    compare_mask: bool = False
+    sample_steps: int = 2  # DDIM steps timed for the sampling figure, scaled to the sampler's steps
+    sample_batch: int | None = None  # images sampled at once; None: the bench batch size
+
+
+@dataclass
+class StepBench:
+    """One timed row: a stage (or its unmasked twin) at one batch size."""
+
+    stage: str
+    variant: str  # "stage" | "no mask"
+    mask: str
+    mask_ratio: float
+    batch_size: int
+    tokens_per_image: int  # tokens entering the transformer blocks
+    steps_timed: int
+    step_seconds: list[float]
+    median_step_seconds: float
+    images_per_second: float
+    tokens_per_second: float
+    flops_per_step: int
+    achieved_flops_per_second: float
+    matmul_shape: tuple[int, int, int]  # (M, K, N) of the reference matmul
+    matmul_flops_per_second: float
+    matmul_fraction: float  # achieved / matmul
+    peak_memory_bytes: int
+    peak_memory_kind: str  # what peak_memory_bytes measures on this device
+    loader_images_per_second: float
+    sampler: str | None  # the sampler whose speed is reported (None for the unmasked twin)
+    sampling_images_per_second: float | None
+    stage_steps: int
+    stage_batch_size: int
+    estimated_hours: float  # wall-clock hours for the whole stage on this device
+    estimated_device_hours: float
+    device_hours_unit: str  # GPU-hours | core-hours
+    scaled_from_batch: bool  # True when the stage's batch differs from the timed one (time scaled linearly)
+
+
+@dataclass
+class MaskComparison:
+    stage: str
+    mask: str
+    time_ratio: float  # masked median step time / unmasked
+    flops_ratio: float  # masked FLOPs per step / unmasked
+    quotient: float  # time_ratio / flops_ratio; target <= MASK_TARGET
+    target: float = MASK_TARGET
+
+    @property
+    def meets_target(self) -> bool:
+        return self.quotient <= self.target
+
+
+@dataclass
+class BenchReport:
+    recipe: str
+    device: str
+    device_name: str
+    threads: int
+    torch_version: str
+    load_average: tuple[float, float, float] | None
+    rows: list[StepBench] = field(default_factory=list)
+    comparisons: list[MaskComparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for comparison, plain in zip(self.comparisons, out["comparisons"]):
+            plain["meets_target"] = comparison.meets_target
+        out["targets"] = {"mask_quotient_max": MASK_TARGET, "matmul_fraction_min_cpu_fp32": MATMUL_TARGET}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparing the stages
+
+def bench_spec(spec: Stage, options: BenchOptions, notes: list[str]) -> Stage:
+    """The stage as benchmarked: the chosen batch size, and embedded data when the data folder is missing."""
+    changes: dict[str, Any] = {}
+    if options.batch_size is not None and options.batch_size != spec.batch_size:
+        changes["batch_size"] = options.batch_size
+        if spec.micro_batch_size and options.batch_size % spec.micro_batch_size:
+            changes["micro_batch_size"] = None
+            notes.append(f"{spec.name}: micro_batch_size {spec.micro_batch_size} does not divide --batch-size "
+                         f"{options.batch_size}; timed without gradient accumulation")
+    if spec.data.source == "folder":
+        try:
+            spec.data.check()
+        except HarnessError:
+            from harness.data import DataConfig
+
+            changes["data"] = DataConfig(source="shapes", resolution=spec.model.img_size, hflip=spec.data.hflip,
+                                         num_images=max(64, options.batch_size or spec.batch_size))
+            notes.append(f"{spec.name}: data folder {spec.data.root!r} not found; timing on the embedded 'shapes' "
+                         f"generator at {spec.model.img_size} px instead (loader images/s are those of the "
+                         "in-memory array, not of decoding files). Point the recipe at the data, or choose the "
+                         "data with --gin \"DataConfig.source = 'shapes'\" --gin 'DataConfig.resolution = N'")
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def unmasked_twin(spec: Stage) -> Stage:
+    from harness.masks import NoMask
+
+    return dataclasses.replace(spec, mask=NoMask())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+class PeakMemory:
+    """Peak memory during a stretch of work: CUDA's allocator peak, or on Linux the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs); elsewhere the process's lifetime peak (ru_maxrss)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda allocated" if device.type == "cuda" else "process resident"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "process resident (lifetime peak)"
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        from harness.cost import _peak_memory_bytes, describe_device
+
+        return _peak_memory_bytes(describe_device(self.device))
+
+
+def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> Callable[[], float]:
+    """A timer of one plain (m, k) x (k, n) matmul; returns the seconds of one call."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up (library initialisation, kernel choice)
+    return lambda: _timed(lambda: torch.matmul(a, b), device)
+
+
+def loader_images_per_second(trainer, repeats: int = 5) -> float:
+    """Images/s of `dataset.get_batch` alone, on the batches of the first steps."""
+    times, n = [], trainer.local_batch
+    for step in range(repeats):
+        idx = trainer.order.indices(step)[:n]
+        start = time.perf_counter()
+        trainer.dataset.get_batch(idx)
+        times.append(time.perf_counter() - start)
+    return n / max(statistics.median(times), 1e-12)
+
+
+def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, float]:
+    """(sampler name, images/s) of the stage's evaluation sampler (the sample grids' DDIM when it has no
+    evaluation), from a few timed DDIM steps on the EMA model scaled to the sampler's number of steps."""
+    from harness.sampling import SamplerConfig, sample_batch
+
+    spec, device = trainer.spec, trainer.ctx.device
+    sampler = spec.eval.sampler if spec.eval is not None else SamplerConfig("ddim", spec.sample_steps, eta=1.0)
+    steps = max(1, min(options.sample_steps, sampler.steps))
+    # a DDIM step with the sampler's eta does the work of any step of the sampler (DDPM is DDIM with eta 1)
+    probe = SamplerConfig("ddim", steps, eta=sampler.eta if sampler.kind == "ddim" else 1.0,
+                          clip_x0=sampler.clip_x0)
+    n = options.sample_batch or trainer.local_batch
+    shape = (spec.model.in_chans, spec.model.img_size, spec.model.img_size)
+    run = lambda s: sample_batch(trainer.ema, trainer.diffusion, s, range(n), shape, 0, device)  # noqa: E731
+    with _autocast(trainer):
+        run(SamplerConfig("ddim", 1, eta=probe.eta))  # warm-up
+        seconds = _timed(lambda: run(probe), device)
+    return sampler.name, n / (seconds / steps * sampler.steps)
+
+
+def _autocast(trainer):
+    device = trainer.ctx.device
+    return torch.autocast(device.type, dtype=trainer.autocast_dtype or torch.float32,
+                          enabled=trainer.autocast_dtype is not None)
+
+
+def step_flops(trainer) -> int:
+    """FLOPs of one step of this trainer: measured on one image of step 0's batch and scaled (exact: FLOPs are
+    linear in the batch), as the training loop itself does."""
+    from harness.cost import measure_step_flops
+
+    x0, _, _, mask = trainer.draw(0)
+    one = None if mask is None else mask[:1]
+    flops = measure_step_flops(trainer.model, trainer.diffusion, x0[:1], one)
+    trainer.model.zero_grad(set_to_none=True)
+    return flops * trainer.local_batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One stage
+
+def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
+                progress: Callable[[str], None] = lambda message: None) -> tuple[list[StepBench],
+                                                                                 MaskComparison | None]:
+    """Time one stage (and with `compare_mask` its unmasked twin, interleaved); returns its rows and the
+    comparison."""
+    from harness.cost import describe_device
+    from harness.train import TrainContext, Trainer
+
+    device = torch.device(options.device)
+    spec = bench_spec(planned.spec, options, notes)
+    variants = [("stage", spec)]
+    if options.compare_mask:
+        if spec.mask.name == "none":
+            notes.append(f"{spec.name}: the stage has no mask; --compare-mask has nothing to compare")
+        else:
+            variants.append(("no mask", unmasked_twin(spec)))
+
+    memory = PeakMemory(device)
+    trainers, peaks = [], []
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as run_dir:
+        for _, variant in variants:
+            progress(f"{spec.name}: building {variant.mask.name}-mask trainer")
+            trainer = Trainer(TrainContext(spec=variant, stage_id=planned.id, run_dir=Path(run_dir),
+                                           device=device))
+            for step in range(options.warmup):
+                trainer.train_step(step)
+            memory.reset()  # the peak of one step alone (the other variant's weights are resident too)
+            trainer.train_step(options.warmup)
+            peaks.append(memory.peak())
+            trainers.append(trainer)
+
+        d, hidden = spec.model.embed_dim, spec.model.mlp_hidden
+        tokens = [t.model.tokens_entering_blocks(t.draw(0)[3]) for t in trainers]
+        dtype = trainers[0].autocast_dtype or torch.float32
+        matmuls = [matmul_reference(t.local_batch * n, d, hidden, device, dtype) for t, n in zip(trainers, tokens)]
+
+        progress(f"{spec.name}: timing {options.steps} steps x {len(trainers)}")
+        times: list[list[float]] = [[] for _ in trainers]
+        matmul_times: list[list[float]] = [[] for _ in trainers]
+        first = options.warmup + 1
+        for i in range(options.steps):  # interleaved, so that drift in the machine's speed hits every row alike
+            for k, trainer in enumerate(trainers):
+                times[k].append(_timed(lambda: trainer.train_step(first + i), device))
+                matmul_times[k].append(matmuls[k]())
+
+        progress(f"{spec.name}: FLOPs, loader and sampler")
+        info = describe_device(device)
+        rows = []
+        for k, (name, variant) in enumerate(variants):
+            trainer, median = trainers[k], statistics.median(times[k])
+            flops = step_flops(trainer)
+            m = trainer.local_batch * tokens[k]
+            matmul_flops = 2 * m * d * hidden / statistics.median(matmul_times[k])
+            sampler, sampling = sampling_images_per_second(trainer, options) if k == 0 else (None, None)
+            scale = planned.spec.batch_size / variant.batch_size
+            hours = planned.spec.steps * median * scale / 3600
+            rows.append(StepBench(
+                stage=spec.name, variant=name, mask=variant.mask.name,
+                mask_ratio=variant.mask.actual_ratio(spec.model.grid), batch_size=variant.batch_size,
+                tokens_per_image=tokens[k], steps_timed=len(times[k]), step_seconds=times[k],
+                median_step_seconds=median, images_per_second=variant.batch_size / median,
+                tokens_per_second=variant.batch_size * tokens[k] / median, flops_per_step=flops,
+                achieved_flops_per_second=flops / median, matmul_shape=(m, d, hidden),
+                matmul_flops_per_second=matmul_flops, matmul_fraction=flops / median / matmul_flops,
+                peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,
+                loader_images_per_second=loader_images_per_second(trainer), sampler=sampler,
+                sampling_images_per_second=sampling, stage_steps=planned.spec.steps,
+                stage_batch_size=planned.spec.batch_size, estimated_hours=hours,
+                estimated_device_hours=hours * info.count, device_hours_unit=info.hours_unit,
+                scaled_from_batch=scale != 1.0))
+        del trainers
+    comparison = None
+    if len(rows) == 2:
+        masked, unmasked = rows
+        time_ratio = masked.median_step_seconds / unmasked.median_step_seconds
+        flops_ratio = masked.flops_per_step / unmasked.flops_per_step
+        comparison = MaskComparison(stage=spec.name, mask=masked.mask, time_ratio=time_ratio,
+                                    flops_ratio=flops_ratio, quotient=time_ratio / flops_ratio)
+    return rows, comparison
+
+
+def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
+              progress: Callable[[str], None] = lambda message: None) -> BenchReport:
+    """Benchmark the given stages of a planned recipe, one after another."""
+    from harness.cost import describe_device
+
+    if options.steps < 1 or options.warmup < 0:
+        raise HarnessError(f"--steps must be >= 1 and --warmup >= 0, got {options.steps} and {options.warmup}")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise HarnessError(f"--batch-size must be at least 1, got {options.batch_size}")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda but no CUDA device is available here; use --device cpu")
+    report = BenchReport(recipe=recipe, device=str(device), device_name=describe_device(device).name,
+                         threads=torch.get_num_threads(), torch_version=torch.__version__,
+                         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    for planned in stages:
+        rows, comparison = bench_stage(planned, options, report.notes, progress)
+        report.rows += rows
+        if comparison is not None:
+            report.comparisons.append(comparison)
+    if any(row.scaled_from_batch for row in report.rows):
+        report.notes.append("estimated hours: the median step time scaled linearly from the timed batch to the "
+                            "stage's own batch size (time it at that size for a firmer figure)")
+    if device.type == "cpu":
+        report.notes.append("peak memory on CPU: the process's peak resident memory during one step (with "
+                            "--compare-mask both variants' weights are resident); device-hours on CPU are "
+                            "core-hours (wall hours x threads)")
+    return report
