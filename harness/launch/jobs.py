@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-
 JOB_FILE = "job.json"
 
 
@@ -112,9 +110,3 @@ def read_job_file(stage_dir: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}  # a torn or foreign file: treat the stage as never launched
 
-
-def check_results_dir(results_dir: str | Path) -> Path:
-    path = Path(results_dir)
-    if path.exists() and not path.is_dir():
-        raise HarnessError(f"results folder {path} is a file; pass --results-dir with a folder")
-    return path
