@@ -202,7 +202,32 @@ def _options(batch_size: int, device, weights: Path, verbose: bool, **kwargs) ->
         verbose=verbose,
     )
     options.update(kwargs)
+    # torch-fidelity reads weights and cached features/statistics with torch.load(weights_only=False), which
+    # runs any code pickled into them (a shared cache folder, a downloaded weights file): vet them first.
+    refuse_pickled_code(weights, "Inception weights")
+    for key in ("input1_cache_name", "input2_cache_name"):
+        if options.get(key):
+            for path in sorted(fidelity_cache_root().glob(f"{options[key]}-*.pt")):
+                refuse_pickled_code(path, "cached reference features")
     return options
+
+
+def refuse_pickled_code(path: str | os.PathLike, what: str) -> None:
+    """Open `path` with torch's safe loader (memory-mapped, so cheap); HarnessError if it holds more than
+    tensors and plain containers."""
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file cannot be mapped
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError ... for unsafe or broken files
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise HarnessError(f"refusing to use the {what} {path}: it contains pickled Python objects that "
+                               "could run code; delete it (cached files are recomputed) or replace it") from err
+        raise HarnessError(f"cannot read the {what} {path} ({str(err).splitlines()[0] if str(err) else err}); "
+                           "delete it (cached files are recomputed) or replace it") from err
 
 
 @contextmanager
