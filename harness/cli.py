@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         if args.debug:
             raise
-        # gin appends "In call to configurable ..." lines to exceptions raised inside configurables; the
-        # first line is ours and says it all (--debug shows the rest).
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # One line: gin appends "In call to configurable ..." context lines to exceptions raised inside
+        # configurables (--debug shows them); the rest of a multi-line message is joined.
+        lines = [line.strip() for line in str(err).splitlines()
+                 if line.strip() and not line.strip().startswith("In call to configurable")]
+        message = " ".join(lines) or type(err).__name__
         print(f"harness {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

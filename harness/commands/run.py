@@ -15,13 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra gin binding, repeatable, e.g. --gin 'MASK_RATIO = 0.5' "
                              "--gin 'pretrain/Stage.steps = 100'")
     parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
-    parser.add_argument("--launcher", default="inline",
-                        help="inline (this process, default) | local (submitit subprocesses) | slurm")
+    parser.add_argument("--launcher", default=None,
+                        help="inline (this process) | local (submitit subprocesses) | slurm; default: what the "
+                             "recipe binds (include 'launch/slurm.gin'), else inline")
     parser.add_argument("--dry-run", action="store_true", help="print the plan as a table and exit: nothing is trained or written")
     parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
                         help="run only these stages (by stage name, arm/name or id prefix); repeatable")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    parser.add_argument("--no-wait", action="store_true", help="with local/slurm launchers: submit and return")
+    parser.add_argument("--no-wait", action="store_true", help="with the slurm launcher: submit and return")
 
 
 def select_stages(plan, wanted: list[str]) -> list[str]:
@@ -67,82 +68,24 @@ def print_plan(plan, results_dir: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from harness.config import load_recipe
     from harness.experiment import plan_from_gin
+    from harness.launch import launch_plan, launcher_from_name, raise_for_failures
 
     results_dir = Path(args.results_dir)
     gin_text = load_recipe(args.recipe, args.gin)
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
+    launcher = launcher_from_name(args.launcher)  # fails early on an unknown launcher or a missing SLURM
     if args.dry_run:
         print_plan(plan, results_dir)
         return 0
-    launcher = None
-    if args.launcher != "inline":
-        from harness.launch import launcher_from_name
-
-        launcher = launcher_from_name(args.launcher)  # before anything is written: a bad name costs nothing
     plan.write(results_dir)
-
-    if launcher is None:
-        failures = run_inline(plan, gin_text, results_dir, stage_ids)
-    else:
-        from harness.launch import launch_plan, raise_for_failures
-
-        results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
-        if args.no_wait:
-            return 0
+    results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
+    if args.no_wait:
+        return 0
     if not args.no_report:
-        write_report(results_dir / plan.experiment)  # failed arms show as failed, the others as usual
-    if launcher is None:
-        raise_inline_failures(failures, results_dir)
-    else:
-        raise_for_failures(results)
+        write_report(results_dir / plan.experiment)  # partial results too: failed arms are marked
+    raise_for_failures(results)
     return 0
-
-
-def run_inline(plan, gin_text: str, results_dir: Path, stage_ids: list[str]) -> list[tuple[str, Exception]]:
-    """Train the stages in this process, in order. A failing stage does not stop the other arms: its error
-    is returned (stage id, exception) and its children are not started."""
-    from harness.stage import run_stage
-
-    failures: list[tuple[str, Exception]] = []
-    blocked: set[str] = set()
-    for sid in stage_ids:
-        ps = plan.stages[sid]
-        if plan.is_done(results_dir, sid):
-            print(f"[{ps.name}] {sid[:8]} already done, skipped", file=sys.stderr)
-            continue
-        if ps.parent in blocked:
-            print(f"[{ps.name}] {sid[:8]} not started: its parent stage failed", file=sys.stderr)
-            blocked.add(sid)
-            continue
-        print(f"[{ps.name}] {sid[:8]} ({', '.join(ps.arms)}) -> {plan.stage_dir(results_dir, sid)}",
-              file=sys.stderr)
-        try:
-            result = run_stage(gin_text, sid, results_dir)
-        except Exception as err:  # the stage wrote FAILED; go on with the arms that do not depend on it
-            print(f"[{ps.name}] failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}",
-                  file=sys.stderr)
-            failures.append((sid, err))
-            blocked.add(sid)
-            continue
-        cost = result.get("cost", {})
-        print(f"[{ps.name}] {result['status']} at step {result.get('step')}: "
-              f"{cost.get('train_seconds', 0):.1f} s training, {cost.get('eval_seconds', 0):.1f} s evaluating",
-              file=sys.stderr)
-    return failures
-
-
-def raise_inline_failures(failures: list[tuple[str, Exception]], results_dir: Path) -> None:
-    """One failure: its own error (a bug keeps its traceback); several: one line naming them all."""
-    from harness.errors import HarnessError
-
-    if not failures:
-        return
-    if len(failures) == 1:
-        raise failures[0][1]
-    names = "; ".join(f"{sid[:8]}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
-                      for sid, err in failures)
-    raise HarnessError(f"{len(failures)} stages failed ({names}); see `harness status {results_dir}`")
 
 
 def write_report(experiment_dir: Path) -> None:
