@@ -212,16 +212,29 @@ def _options(batch_size: int, device, weights: Path, verbose: bool, **kwargs) ->
     return options
 
 
+def _numpy_array_globals() -> list[Any]:
+    """The globals a pickled numeric numpy array needs (numpy 2 moved `core` to `_core`)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in ("float32", "float64"))]
+
+
 def refuse_pickled_code(path: str | os.PathLike, what: str) -> None:
     """Open `path` with torch's safe loader (memory-mapped, so cheap); HarnessError if it holds more than
     tensors and plain containers."""
     try:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file cannot be mapped
+        # torch-fidelity's own FID statistics are plain numpy arrays: allow just what rebuilds those.
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file cannot be mapped
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError ... for unsafe or broken files
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             raise HarnessError(f"refusing to use the {what} {path}: it contains pickled Python objects that "
