@@ -101,9 +101,13 @@ def stage_state(stage_dir: str | Path, queue: dict[str, QueueEntry] | None, log_
         out.state = "done"
         return out
     failed = stage_dir / "FAILED"
+    # FAILED is written by the worker as it fails and removed when a retry starts, so without SLURM (whose queue
+    # may hold a requeued retry) it is the truth, even while the launching process (an inline run going on
+    # with other arms, or an unrelated process that reused the pid) is alive.
+    if failed.is_file() and job.get("launcher") != "slurm":
+        out.state, out.log_tail = "failed", tail(failed, log_lines)
+        return out
     if not job:
-        if failed.is_file():
-            out.state, out.log_tail = "failed", tail(failed, log_lines)
         return out
     out.state, out.detail = _job_state(job, queue, has_progress=bool(rows) or _has_checkpoint(stage_dir))
     if out.state == "failed":
