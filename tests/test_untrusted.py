@@ -151,6 +151,20 @@ def test_cached_fid_statistics_with_pickled_code_are_refused(tmp_path, tampered)
             path.unlink(missing_ok=True)
 
 
+def test_numpy_fid_statistics_pass_the_check_but_object_arrays_do_not(tmp_path):
+    """torch-fidelity saves FID statistics as numpy arrays: those are data; an object array is code."""
+    from harness.evaluate import refuse_pickled_code
+
+    marker = tmp_path / "marker"
+    plain, evil = tmp_path / "plain-stat-fid-2048.pt", tmp_path / "evil-stat-fid-2048.pt"
+    torch.save({"mu": np.zeros(3), "sigma": np.eye(3, dtype=np.float32)}, plain)
+    refuse_pickled_code(plain, "cached reference features")
+    torch.save({"mu": np.array([Payload(marker)], dtype=object), "sigma": np.eye(3)}, evil)
+    with pytest.raises(HarnessError, match="pickled Python objects"):
+        refuse_pickled_code(evil, "cached reference features")
+    assert not marker.exists()
+
+
 def test_inception_weights_with_pickled_code_are_refused(tmp_path):
     from harness import evaluate
 
