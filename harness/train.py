@@ -184,10 +184,10 @@ class Trainer:
                 self.scaler.scale(loss / n_micro).backward()
             total += loss.detach() / n_micro
         self.scaler.unscale_(self.optimizer)
-        max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value = total.item()
-        if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one sync
+        if not math.isfinite(loss_value) or not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
             if spec.nan_policy == "stop":
                 raise NonFiniteLoss(f"stage '{spec.name}': the loss became {loss_value} at step {step}; the "
@@ -195,13 +195,15 @@ class Trainer:
             log.warning("non-finite loss %s at step %d: batch skipped", loss_value, step)
             self.scaler.update()
             return loss_value, float("nan")
+        if 0 < spec.grad_clip < norm_value:  # rescaling costs a pass over every gradient: only when it clips
+            torch.nn.utils.clip_grads_with_norm_(params, spec.grad_clip, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         decay = spec.ema_decay
         if spec.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
         update_ema(self.ema, self.model, decay)
-        return loss_value, grad_norm.item()
+        return loss_value, norm_value
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
