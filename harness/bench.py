@@ -201,8 +201,8 @@ def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.
     return lambda: _timed(lambda: torch.matmul(a, b), device)
 
 
-def loader_images_per_second(trainer, repeats: int = 5) -> float:
-    """Images/s of `dataset.get_batch` alone, on the batches of the first steps."""
+def loader_images_per_second(trainer, repeats: int = 20) -> float:
+    """Images/s of `dataset.get_batch` alone (median over the batches of the first steps)."""
     times, n = [], trainer.local_batch
     for step in range(repeats):
         idx = trainer.order.indices(step)[:n]

@@ -1,0 +1,201 @@
+"""`harness bench`: the figures it reports and how they relate (no timing is asserted: machines vary), and the
+performance fixes of the training step keep its maths (patch embedding of visible patches, conditional clipping,
+fused AdamW)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from harness.bench import BenchOptions, run_bench
+from harness.cli import main as cli_main
+from harness.config import load_recipe
+from harness.experiment import plan_from_gin
+
+ROW_FIELDS = {
+    "stage", "variant", "mask", "mask_ratio", "batch_size", "tokens_per_image", "steps_timed", "step_seconds",
+    "median_step_seconds", "images_per_second", "tokens_per_second", "flops_per_step", "achieved_flops_per_second",
+    "matmul_shape", "matmul_flops_per_second", "matmul_fraction", "peak_memory_bytes", "peak_memory_kind",
+    "loader_images_per_second", "sampler", "sampling_images_per_second", "stage_steps", "stage_batch_size",
+    "estimated_hours", "estimated_device_hours", "device_hours_unit", "scaled_from_batch",
+}
+
+
+def _stages(recipe, *bindings):
+    load_recipe(recipe, list(bindings))
+    return {ps.name: ps for ps in plan_from_gin().stages.values()}
+
+
+@pytest.fixture(scope="module")
+def compare_report(tmp_path_factory) -> dict:
+    """The JSON of `harness bench TINY --stage pretrain --compare-mask --json`, run once for the tests below."""
+    from conftest import TINY_RECIPE
+
+    recipe = tmp_path_factory.mktemp("bench") / "tiny.gin"
+    recipe.write_text(TINY_RECIPE)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["bench", str(recipe), "--stage", "pretrain", "--steps", "3", "--warmup", "1",
+                         "--compare-mask", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_has_every_field_and_consistent_figures(compare_report):
+    report = compare_report
+    assert {"recipe", "device", "threads", "torch_version", "load_average", "rows", "comparisons", "notes",
+            "targets"} <= set(report)
+    assert report["threads"] == torch.get_num_threads()
+    rows = report["rows"]
+    assert [(r["variant"], r["mask"]) for r in rows] == [("stage", "block2"), ("no mask", "none")]
+    for row in rows:
+        assert set(row) == ROW_FIELDS
+        assert len(row["step_seconds"]) == row["steps_timed"] == 3
+        median = row["median_step_seconds"]
+        assert median == sorted(row["step_seconds"])[1]
+        assert row["batch_size"] == row["stage_batch_size"] == 8 and not row["scaled_from_batch"]
+        assert row["images_per_second"] == pytest.approx(8 / median)
+        assert row["tokens_per_second"] == pytest.approx(8 * row["tokens_per_image"] / median)
+        assert row["achieved_flops_per_second"] == pytest.approx(row["flops_per_step"] / median)
+        assert row["matmul_fraction"] == pytest.approx(row["achieved_flops_per_second"]
+                                                       / row["matmul_flops_per_second"])
+        # the tiny model is 64 wide with a 256-wide MLP; the matmul has the row's (batch x tokens) rows
+        assert row["matmul_shape"] == [8 * row["tokens_per_image"], 64, 256]
+        assert row["estimated_hours"] == pytest.approx(8 * median / 3600)  # pretrain: 8 steps of batch 8
+        assert row["estimated_device_hours"] == pytest.approx(row["estimated_hours"] * report["threads"])
+        assert row["device_hours_unit"] == "core-hours"
+        assert row["peak_memory_bytes"] > 10 * 2**20 and row["loader_images_per_second"] > 0
+    # block 2 at 75% on the 8x8 grid hides 48 patches: 16 visible + the time token enter the blocks
+    assert [r["tokens_per_image"] for r in rows] == [17, 65]
+    assert rows[0]["mask_ratio"] == 0.75 and rows[1]["mask_ratio"] == 0.0
+    assert rows[0]["sampler"] == "ddim3_eta1" and rows[0]["sampling_images_per_second"] > 0  # Stage.sample_steps
+    assert rows[1]["sampler"] is None and rows[1]["sampling_images_per_second"] is None
+
+    (comparison,) = report["comparisons"]
+    masked, unmasked = rows
+    assert comparison["stage"] == "pretrain" and comparison["mask"] == "block2"
+    assert comparison["time_ratio"] == pytest.approx(masked["median_step_seconds"] / unmasked["median_step_seconds"])
+    assert comparison["flops_ratio"] == pytest.approx(masked["flops_per_step"] / unmasked["flops_per_step"])
+    assert comparison["quotient"] == pytest.approx(comparison["time_ratio"] / comparison["flops_ratio"])
+    assert comparison["meets_target"] == (comparison["quotient"] <= 1.25)
+
+
+def test_masked_flops_follow_the_tokens_kept(compare_report):
+    """Dropping tokens removes their work: the FLOPs ratio is about the ratio of tokens in the blocks (a little
+    below it, as attention is quadratic in the tokens)."""
+    report = compare_report
+    masked, unmasked = report["rows"]
+    token_ratio = masked["tokens_per_image"] / unmasked["tokens_per_image"]
+    flops_ratio = report["comparisons"][0]["flops_ratio"]
+    assert 0.8 * token_ratio < flops_ratio <= token_ratio
+
+
+def test_flops_ratio_scales_with_the_mask_ratio(tiny_recipe):
+    """Three mask ratios: the masked FLOPs per step fall in proportion to the visible tokens."""
+    from harness.bench import bench_spec, step_flops, unmasked_twin
+    from harness.train import TrainContext, Trainer
+
+    ratios = {}
+    for mask_ratio in (0.25, 0.5, 0.75):
+        spec = _stages(tiny_recipe, f"MASK_RATIO = {mask_ratio}")["pretrain"].spec
+        trainers = [Trainer(TrainContext(spec=s, stage_id="x", run_dir=tiny_recipe.parent, device=torch.device("cpu")))
+                    for s in (spec, unmasked_twin(spec))]
+        flops = [step_flops(t) for t in trainers]
+        tokens = [t.model.tokens_entering_blocks(t.draw(0)[3]) for t in trainers]
+        ratios[mask_ratio] = (flops[0] / flops[1], tokens[0] / tokens[1])
+    for flops_ratio, token_ratio in ratios.values():
+        assert flops_ratio == pytest.approx(token_ratio, rel=0.2)
+    assert ratios[0.25][0] > ratios[0.5][0] > ratios[0.75][0]
+    assert bench_spec(spec, BenchOptions(), []) is spec  # nothing to change: the very same stage
+
+
+def test_missing_data_folder_falls_back_to_embedded_images_and_scales_the_estimate(tiny_recipe, tmp_path):
+    stages = _stages(tiny_recipe, "DataConfig.source = 'folder'", f"DataConfig.root = '{tmp_path / 'nowhere'}'",
+                     "DataConfig.resolution = 32")
+    options = BenchOptions(batch_size=4, steps=1, warmup=0, sample_steps=1)
+    report = run_bench("tiny", [stages["finetune"]], options)
+    (row,) = report.rows
+    assert any("not found" in note and "embedded 'shapes'" in note and "32 px" in note for note in report.notes)
+    assert any("scaled linearly" in note for note in report.notes)
+    assert row.batch_size == 4 and row.stage_batch_size == 8 and row.scaled_from_batch
+    assert row.estimated_hours == pytest.approx(4 * row.median_step_seconds * 8 / 4 / 3600)  # 4 steps of batch 8
+
+
+def test_fallback_message_on_the_command_line(tiny_recipe, tmp_path, capsys):
+    assert cli_main(["bench", str(tiny_recipe), "--stage", "finetune", "--steps", "1", "--warmup", "0",
+                     "--sample-steps", "1", "--gin", "DataConfig.source = 'folder'",
+                     "--gin", f"DataConfig.root = '{tmp_path / 'nowhere'}'", "--gin", "DataConfig.resolution = 32"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "not found; timing on the embedded 'shapes' generator at 32 px" in out
+    assert "finetune" in out and "core-hours" in out
+
+
+def test_bad_options_are_harness_errors(tiny_recipe, capsys):
+    assert cli_main(["bench", str(tiny_recipe), "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["bench", str(tiny_recipe), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The performance fixes keep the maths
+
+def test_patch_embedding_of_visible_patches_equals_the_conv_then_gather():
+    from harness.masks import BlockMask
+    from harness.models.uvit import UViTConfig, gather_patches, visible_indices
+
+    torch.manual_seed(0)
+    model = UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4).build()
+    x = torch.randn(3, 3, 32, 32)
+    conv = model.patch_embed(x) + model.pos_embed[:, model.extras:]  # timm's conv path, every patch
+    assert torch.allclose(model._embed_patches(x, None), conv, atol=1e-6)
+    idx = visible_indices(BlockMask(0.5, 2).sample(3, 8, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(model._embed_patches(x, idx), gather_patches(conv, idx), atol=1e-6)
+    assert not torch.allclose(model._embed_patches(x, idx), conv[:, : idx.shape[1]], atol=1e-3)
+
+
+def _textbook_step(trainer, initial, max_norm):
+    """(loss, gradient norm, parameters) after one step from `initial` on the trainer's step-0 batch:
+    clip_grad_norm_ (unless max_norm is None), then the unfused AdamW."""
+    from harness.train import _param_groups
+
+    model, spec = copy.deepcopy(initial), trainer.spec
+    x0, t, noise, mask = trainer.draw(0)
+    loss = trainer.diffusion.loss_at(model, x0, t, noise, mask=mask)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm)
+    torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, foreach=False).step()
+    return loss.item(), norm.item(), list(model.parameters())
+
+
+def _same_update(after, expected, before, rtol=1e-4) -> bool:
+    return all(torch.allclose(p - p0, q - p0, rtol=rtol, atol=1e-9) for p, q, p0 in zip(after, expected, before))
+
+
+@pytest.mark.parametrize("grad_clip", [1e-6, 1e6, 0.0])
+def test_train_step_equals_clip_grad_norm_and_adamw(tiny_recipe, grad_clip):
+    """One Trainer step against the textbook: clip_grad_norm_, then AdamW. A clip of 1e-6 shrinks the gradients
+    below Adam's eps, so clipping visibly changes the update; 1e6 and 0 (off) leave the gradients alone."""
+    from harness.train import TrainContext, Trainer
+
+    spec = _stages(tiny_recipe, f"Stage.grad_clip = {grad_clip}", "Stage.weight_decay = 0.1")["pretrain"].spec
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tiny_recipe.parent, device=torch.device("cpu")))
+    initial = copy.deepcopy(trainer.model)
+    before = [p.detach().clone() for p in initial.parameters()]
+
+    loss, grad_norm = trainer.train_step(0)
+
+    expected_loss, expected_norm, expected = _textbook_step(trainer, initial, grad_clip if grad_clip > 0 else None)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert grad_norm == pytest.approx(expected_norm, rel=1e-5)
+    after = list(trainer.model.parameters())
+    assert _same_update(after, expected, before)
+    clips = grad_clip == 1e-6
+    assert (expected_norm > grad_clip > 0) == clips
+    if clips:  # the same step without clipping moves the weights otherwise
+        assert not _same_update(after, _textbook_step(trainer, initial, None)[2], before, rtol=1e-2)
