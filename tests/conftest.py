@@ -36,6 +36,18 @@ def tiny_recipe(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """gin's bindings are process-global: a recipe parsed by one test must not reach the next one."""
+    import importlib.util  # noqa: F401  (gin 0.5.0 needs it before parsing)
+
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep converted Inception weights and FID statistics in one cache per test session, not in ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "harness-cache"
