@@ -246,7 +246,8 @@ class Trainer:
         evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / "eval.jsonl") if "step" in r}
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
         progress = _Progress(spec, self.step, enabled=ctx.is_main)
-        last_time, last_step = time.perf_counter(), self.step
+        # images/s over training time only: checkpoints, sample grids and evaluations do not dilute it
+        last_time, last_step = self.cost.train_seconds, self.step
         try:
             while self.step < spec.steps:
                 if ctx.stop_event is not None and ctx.stop_event.is_set():
@@ -257,7 +258,7 @@ class Trainer:
                     self.step += 1
                     self.cost.step(spec.batch_size)
                 if self.step % spec.log_every == 0 or self.step == spec.steps:
-                    now = time.perf_counter()
+                    now = self.cost.train_seconds
                     ips = (self.step - last_step) * spec.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
                     row = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "images_per_second": ips,
