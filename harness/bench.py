@@ -349,6 +349,13 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
     report = BenchReport(recipe=recipe, device=str(device), device_name=describe_device(device).name,
                          threads=torch.get_num_threads(), torch_version=torch.__version__,
                          load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and report.load_average and report.load_average[0] >= cores - 0.5:
+        # other processes on the cores stall every parallel region of a multi-threaded step (each waits for a
+        # descheduled sibling thread), which hits small ops (the masked step, the loader) hardest
+        report.notes.append(f"the machine was busy when the bench started (load {report.load_average[0]:.1f} on "
+                            f"{cores} cores): multi-threaded timings suffer most; prefer figures from a quiet "
+                            "machine, or --threads 1")
     for planned in stages:
         rows, comparison = bench_stage(planned, options, report.notes, progress)
         report.rows += rows
