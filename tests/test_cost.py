@@ -74,9 +74,9 @@ def test_flops_scale_with_the_batch():
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_masked_uvit_flops_fall_with_the_tokens_kept(ratio):
-    """The real MaskedUViT: masked-step FLOPs / unmasked-step FLOPs within 10% (relative) of the ratio of
-    tokens entering the blocks. Not exact because attention grows with tokens squared (pulls the ratio
-    down) and the patch embedding runs on every patch before the drop (pushes it up)."""
+    """The real MaskedUViT: masked-step FLOPs / unmasked-step FLOPs within 15% (relative) of the ratio of
+    tokens entering the blocks. Every layer, the patch embedding included, runs on the visible tokens only;
+    attention grows with tokens squared, so it pulls the ratio below the token ratio, never above it."""
     uvit = pytest.importorskip("harness.models.uvit")
     from harness.diffusion import DiffusionConfig
     from harness.masks import PatchMask
@@ -90,7 +90,8 @@ def test_masked_uvit_flops_fall_with_the_tokens_kept(ratio):
     masked = measure_step_flops(model, diffusion, x0, mask)
     token_ratio = model.tokens_entering_blocks(mask) / model.tokens_entering_blocks(None)
     assert masked < full
-    assert masked / full == pytest.approx(token_ratio, rel=0.10)
+    assert token_ratio**2 < masked / full <= token_ratio
+    assert masked / full == pytest.approx(token_ratio, rel=0.15)
     # attention is counted on CPU too (the fused CPU kernel would count as zero): a deeper model costs more
     deeper = uvit.UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=5, num_heads=4).build()
     assert measure_step_flops(deeper, diffusion, x0) > full
