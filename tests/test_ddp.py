@@ -32,6 +32,7 @@ def _train(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, 
     import harness.train
     from harness.launch.worker import run_stage_job
 
+    threads = torch.get_num_threads()  # restored below: the single-rank run happens in the pytest process
     torch.set_num_threads(1)
     os.environ.pop("SUBMITIT_EXECUTOR", None)
     if world_size > 1:
@@ -49,6 +50,7 @@ def _train(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, 
         result = run_stage_job(gin_text, stage_id, results_dir)
     finally:
         harness.train.Trainer.run = original
+        torch.set_num_threads(threads)
     assert result["status"] == "done"
 
 
