@@ -295,7 +295,8 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
         first = options.warmup + 1
         for i in range(options.steps):  # interleaved, so that drift in the machine's speed hits every row alike
             for k, trainer in enumerate(trainers):
-                times[k].append(_timed(lambda: trainer.train_step(first + i), device))
+                # as the training loop runs its steps between log steps (no gradient norm unless clipping)
+                times[k].append(_timed(lambda: trainer.train_step(first + i, grad_norm_wanted=False), device))
                 matmul_times[k].append(matmuls[k]())
 
         progress(f"{spec.name}: FLOPs, loader and sampler")

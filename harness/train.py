@@ -164,8 +164,12 @@ class Trainer:
             x0 = torch.where(flip[lo:hi, None, None, None], x0.flip(-1), x0)
         return x0, t[lo:hi], noise[lo:hi], None if mask is None else mask[lo:hi]
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        """Forward, backward and update for one global batch; returns (loss, grad norm)."""
+    def train_step(self, step: int, grad_norm_wanted: bool = True) -> tuple[float, float]:
+        """Forward, backward and update for one global batch; returns (loss, grad norm).
+
+        The gradient norm costs a pass over every gradient: without clipping it is computed only when wanted
+        (the loop asks at its log steps), and the grad norm returned otherwise is NaN.
+        """
         spec, device = self.spec, self.ctx.device
         for group in self.optimizer.param_groups:
             group["lr"] = spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
@@ -185,8 +189,11 @@ class Trainer:
             total += loss.detach() / n_micro
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one sync
+        if spec.grad_clip > 0 or grad_norm_wanted:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one sync
+        else:  # a non-finite gradient shows in the loss too (and fp16's scaler skips such steps itself)
+            loss_value, norm_value = total.item(), 0.0
         if not math.isfinite(loss_value) or not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
             if spec.nan_policy == "stop":
@@ -203,7 +210,7 @@ class Trainer:
         if spec.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
         update_ema(self.ema, self.model, decay)
-        return loss_value, norm_value
+        return loss_value, norm_value if (spec.grad_clip > 0 or grad_norm_wanted) else float("nan")
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -254,7 +261,8 @@ class Trainer:
                     self.save()
                     return "preempted"
                 with self.cost.training():
-                    loss, grad_norm = self.train_step(self.step)
+                    log_now = (self.step + 1) % spec.log_every == 0 or self.step + 1 == spec.steps
+                    loss, grad_norm = self.train_step(self.step, grad_norm_wanted=log_now)
                     self.step += 1
                     self.cost.step(spec.batch_size)
                 if self.step % spec.log_every == 0 or self.step == spec.steps:
