@@ -27,6 +27,19 @@ TINY_RECIPE = textwrap.dedent("""
     Experiment.arms = {'scratch': [@scratch/Stage()], 'two_stage': [@pretrain/Stage(), @finetune/Stage()]}
 """)
 
+# One 2-step stage per arm of a 3-block, 32-wide model: enough to reach the data and the weights, fast.
+MICRO_RECIPE = TINY_RECIPE + textwrap.dedent("""
+    UViTConfig.embed_dim = 32
+    UViTConfig.depth = 3
+    UViTConfig.num_heads = 2
+    DataConfig.num_images = 16
+    Stage.batch_size = 4
+    Stage.num_sample_images = 0
+    pretrain/Stage.steps = 2
+    finetune/Stage.steps = 2
+    scratch/Stage.steps = 2
+""")
+
 
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:

@@ -12,21 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import TINY_RECIPE
+from conftest import MICRO_RECIPE as MICRO
 from harness.cli import main as cli_main
-
-# One 2-step stage per arm of a 3-block, 32-wide model: enough to reach the data and the weights, fast.
-MICRO = TINY_RECIPE + """
-UViTConfig.embed_dim = 32
-UViTConfig.depth = 3
-UViTConfig.num_heads = 2
-DataConfig.num_images = 16
-Stage.batch_size = 4
-Stage.num_sample_images = 0
-pretrain/Stage.steps = 2
-finetune/Stage.steps = 2
-scratch/Stage.steps = 2
-"""
 
 
 def fails_cleanly(argv: list[str], capsys, *expected: str, results: Path | None = None) -> str:

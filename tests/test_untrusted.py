@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_RECIPE
+from conftest import MICRO_RECIPE
 from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.cli import main as cli_main
 from harness.config import load_recipe
@@ -20,14 +20,7 @@ from harness.experiment import plan_from_gin
 from harness.inception import weights_id, weights_path
 from harness.stage import run_stage
 
-MICRO = TINY_RECIPE + """
-UViTConfig.embed_dim = 32
-UViTConfig.depth = 3
-UViTConfig.num_heads = 2
-DataConfig.num_images = 16
-Stage.batch_size = 4
-Stage.num_sample_images = 0
-scratch/Stage.steps = 2
+MICRO = MICRO_RECIPE + """
 Experiment.arms = {'scratch': [@scratch/Stage()]}
 """
 
