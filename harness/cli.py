@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb, module in _available_commands().items():
         p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        # default=SUPPRESS: a subcommand's absent --debug must not overwrite `harness --debug COMMAND`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
     return parser
