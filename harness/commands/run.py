@@ -53,7 +53,7 @@ def print_plan(plan, results_dir: Path) -> None:
     for sid, ps in plan.stages.items():
         s = ps.spec
         m = s.model
-        model = f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
+        model = f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px, {m.num_params() / 1e6:.1f}M"
         data = s.data.source if s.data.source != "folder" else f"folder {s.data.root}"
         status = "done" if plan.is_done(results_dir, sid) else "pending"
         table.add_row(", ".join(ps.arms), s.name, sid[:8], (ps.parent or "-")[:8], str(s.steps),
