@@ -115,13 +115,6 @@ def test_names_and_plain_description():
                  "actual_ratio": 0.875}
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.mark.parametrize(
     "file, bindings, expected",
     [
@@ -132,7 +125,7 @@ def clean_gin():
         ("crop.gin", ["CROP_SIZE = 11"], CropMask(11)),
     ],
 )
-def test_gin_files_bind_the_masks(clean_gin, file, bindings, expected):
+def test_gin_files_bind_the_masks(file, bindings, expected):
     gin.parse_config_files_and_bindings([str(GIN_MASKS / file)], bindings)
     cls = type(expected)
     assert cls() == expected

@@ -159,13 +159,6 @@ def test_bad_config_raises_harness_error(overrides, words):
         UViTConfig(**{**TINY, **overrides})
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.mark.parametrize(
     "file, img_size, width, heads, params_millions",
     [
@@ -176,7 +169,7 @@ def clean_gin():
         ("uvit_transfer256.gin", 256, 512, 8, 46.3),
     ],
 )
-def test_gin_backbone_presets(clean_gin, file, img_size, width, heads, params_millions):
+def test_gin_backbone_presets(file, img_size, width, heads, params_millions):
     gin.parse_config_file(str(GIN_BACKBONES / file))
     cfg = UViTConfig()
     assert (cfg.img_size, cfg.embed_dim, cfg.num_heads, cfg.patch_size) == (img_size, width, heads, 4)
