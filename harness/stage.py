@@ -106,8 +106,7 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
             _write_stage_files(plan, planned, run_dir, gin_text)
-            if hasattr(spec.data, "write_manifest"):
-                spec.data.write_manifest(run_dir / "data_manifest.json")
+            spec.data.write_manifest(run_dir / "data_manifest.json")
 
         evaluate = None
         if spec.eval is not None:
