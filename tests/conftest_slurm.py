@@ -14,16 +14,13 @@ from typing import Callable
 
 import pytest
 
+from conftest import TINY_RECIPE
+
 REPO = Path(__file__).resolve().parent.parent
 
 # 16 px, 32 wide, 3 blocks: a stage is a few seconds, most of it process start-up.
-FAST_RECIPE = textwrap.dedent("""
-    include 'backbones/uvit_tiny.gin'
-    include 'schedules/cosine.gin'
-    include 'masks/block2.gin'
+FAST_RECIPE = TINY_RECIPE + textwrap.dedent("""
     include 'masks/patch.gin'
-    MASK_RATIO = 0.75
-    DataConfig.source = 'shapes'
     DataConfig.num_images = 32
     DataConfig.resolution = 16
     UViTConfig.img_size = 16
@@ -32,13 +29,12 @@ FAST_RECIPE = textwrap.dedent("""
     Stage.batch_size = 4
     Stage.log_every = 1
     Stage.checkpoint_every = 2
+    Stage.keep_checkpoints = 2
     Stage.num_sample_images = 0
-    pretrain/Stage.mask = @BlockMask()
     pretrain/Stage.steps = 3
     finetune/Stage.steps = 2
     scratch/Stage.steps = 3
     Experiment.name = 'fast'
-    Experiment.arms = {'scratch': [@scratch/Stage()], 'two_stage': [@pretrain/Stage(), @finetune/Stage()]}
 """)
 
 
