@@ -89,10 +89,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def write_report(experiment_dir: Path) -> None:
-    try:
-        from harness.report import make_report
-    except ImportError:  # the report module is optional for a partial install
-        return
+    from harness.report import make_report
+
     paths = make_report(experiment_dir)
     if paths:
         print("report: " + json.dumps({k: str(v) for k, v in dict(paths).items()}), file=sys.stderr)
