@@ -39,11 +39,7 @@ CONFIGURABLE_MODULES = (
 
 def register_configurables() -> None:
     for name in CONFIGURABLE_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a module that exists but fails to import is a real bug
-                raise
+        importlib.import_module(name)
 
 
 class _QuietIncludeProbe(logging.Filter):
