@@ -33,6 +33,19 @@ from harness.experiment import PlannedStage, Stage
 
 MASK_TARGET = 1.25  # issue 7, target 1: masked time ratio <= 1.25 x the FLOPs ratio
 MATMUL_TARGET = 0.75  # issue 7, target 2 (CPU float32): step FLOP/s >= 75% of the matmul's
+PEAK_TARGET = 0.40  # issue 7, target 2 (GPU bf16): step FLOP/s >= 40% of the device's peak bf16 FLOP/s
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, matched against the CUDA device name
+# in this order (the first substring found wins).
+BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
 
 
 @dataclass
@@ -66,6 +79,9 @@ class StepBench:
     matmul_shape: tuple[int, int, int]  # (M, K, N) of the reference matmul
     matmul_flops_per_second: float
     matmul_fraction: float  # achieved / matmul
+    peak_fraction: float | None  # achieved / the device's peak FLOP/s (GPU only; see BenchReport.peak_flops)
+    precision: str  # the step's autocast dtype, or float32
+    compiled: str  # Stage.compile: the torch.compile mode, or "off"
     peak_memory_bytes: int
     peak_memory_kind: str  # what peak_memory_bytes measures on this device
     loader_images_per_second: float
@@ -101,6 +117,11 @@ class BenchReport:
     threads: int
     torch_version: str
     load_average: tuple[float, float, float] | None
+    # GPU only: the device's peak bf16 FLOP/s (data sheet where the name is known, else the measured one) and a
+    # large bf16 matmul (8192^3) timed in the same run, for scale
+    peak_flops: float | None = None
+    peak_flops_source: str | None = None
+    large_matmul_flops: float | None = None
     rows: list[StepBench] = field(default_factory=list)
     comparisons: list[MaskComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -109,7 +130,8 @@ class BenchReport:
         out = dataclasses.asdict(self)
         for comparison, plain in zip(self.comparisons, out["comparisons"]):
             plain["meets_target"] = comparison.meets_target
-        out["targets"] = {"mask_quotient_max": MASK_TARGET, "matmul_fraction_min_cpu_fp32": MATMUL_TARGET}
+        out["targets"] = {"mask_quotient_max": MASK_TARGET, "matmul_fraction_min_cpu_fp32": MATMUL_TARGET,
+                          "peak_fraction_min_gpu_bf16": PEAK_TARGET}
         return out
 
 
@@ -201,14 +223,26 @@ def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.
     return lambda: _timed(lambda: torch.matmul(a, b), device)
 
 
+def gpu_peak_flops(device: torch.device) -> tuple[float, str, float]:
+    """(peak bf16 FLOP/s, where it comes from, FLOP/s of a large bf16 matmul timed now) of a CUDA device."""
+    name = torch.cuda.get_device_name(device)
+    n = 8192
+    timer = matmul_reference(n, n, n, device, torch.bfloat16)
+    for _ in range(3):
+        timer()  # the clocks ramp up
+    measured = 2 * n**3 / statistics.median(timer() for _ in range(10))
+    for key, peak in BF16_PEAK_FLOPS:
+        if key in name:
+            return peak, f"data sheet ({key}, dense bf16)", measured
+    return measured, f"measured ({n}^3 bf16 matmul; {name} not in the data-sheet table)", measured
+
+
 def loader_images_per_second(trainer, repeats: int = 20) -> float:
-    """Images/s of `dataset.get_batch` alone (median over the batches of the first steps)."""
-    times, n = [], trainer.local_batch
+    """Images/s of `dataset.get_batch` alone, onto the training device (median over the first steps' batches)."""
+    times, n, device = [], trainer.local_batch, trainer.ctx.device
     for step in range(repeats):
         idx = trainer.order.indices(step)[:n]
-        start = time.perf_counter()
-        trainer.dataset.get_batch(idx)
-        times.append(time.perf_counter() - start)
+        times.append(_timed(lambda: trainer.dataset.get_batch(idx, device=device), device))
     return n / max(statistics.median(times), 1e-12)
 
 
@@ -225,17 +259,11 @@ def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, flo
                           clip_x0=sampler.clip_x0)
     n = options.sample_batch or trainer.local_batch
     shape = (spec.model.in_chans, spec.model.img_size, spec.model.img_size)
-    run = lambda s: sample_batch(trainer.ema, trainer.diffusion, s, range(n), shape, 0, device)  # noqa: E731
-    with _autocast(trainer):
-        run(SamplerConfig("ddim", 1, eta=probe.eta))  # warm-up
-        seconds = _timed(lambda: run(probe), device)
+    # the sampler as evaluation runs it: the EMA model in the stage's precision (compiled when the stage is)
+    run = lambda s: sample_batch(trainer.sampling_net, trainer.diffusion, s, range(n), shape, 0, device)  # noqa: E731
+    run(SamplerConfig("ddim", 1, eta=probe.eta))  # warm-up (and compilation)
+    seconds = _timed(lambda: run(probe), device)
     return sampler.name, n / (seconds / steps * sampler.steps)
-
-
-def _autocast(trainer):
-    device = trainer.ctx.device
-    return torch.autocast(device.type, dtype=trainer.autocast_dtype or torch.float32,
-                          enabled=trainer.autocast_dtype is not None)
 
 
 def step_flops(trainer) -> int:
@@ -254,8 +282,8 @@ def step_flops(trainer) -> int:
 # One stage
 
 def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
-                progress: Callable[[str], None] = lambda message: None) -> tuple[list[StepBench],
-                                                                                 MaskComparison | None]:
+                progress: Callable[[str], None] = lambda message: None,
+                peak_flops: float | None = None) -> tuple[list[StepBench], MaskComparison | None]:
     """Time one stage (and with `compare_mask` its unmasked twin, interleaved); returns its rows and the
     comparison."""
     from harness.cost import describe_device
@@ -318,6 +346,9 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 tokens_per_second=variant.batch_size * tokens[k] / median, flops_per_step=flops,
                 achieved_flops_per_second=flops / median, matmul_shape=(m, d, hidden),
                 matmul_flops_per_second=matmul_flops, matmul_fraction=flops / median / matmul_flops,
+                peak_fraction=None if peak_flops is None else flops / median / peak_flops,
+                precision=str(trainer.autocast_dtype or torch.float32).removeprefix("torch."),
+                compiled=variant.compile,
                 peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,
                 loader_images_per_second=loader_images_per_second(trainer), sampler=sampler,
                 sampling_images_per_second=sampling, stage_steps=planned.spec.steps,
@@ -357,8 +388,11 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
         report.notes.append(f"the machine was busy when the bench started (load {report.load_average[0]:.1f} on "
                             f"{cores} cores): multi-threaded timings suffer most; prefer figures from a quiet "
                             "machine, or --threads 1")
+    if device.type == "cuda":
+        progress("timing a large bf16 matmul for the device's peak")
+        report.peak_flops, report.peak_flops_source, report.large_matmul_flops = gpu_peak_flops(device)
     for planned in stages:
-        rows, comparison = bench_stage(planned, options, report.notes, progress)
+        rows, comparison = bench_stage(planned, options, report.notes, progress, report.peak_flops)
         report.rows += rows
         if comparison is not None:
             report.comparisons.append(comparison)

@@ -175,14 +175,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.get_batch([index], flip=False)[0]
 
-    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = False) -> torch.Tensor:
-        """Images `indices` as float32 [B, C, H, W] in [-1, 1]. With `flip=True` (and `hflip` in the config),
-        each image is mirrored with probability 1/2, drawn from `generator` (a CPU torch.Generator; pass one,
-        or the draw comes from torch's global RNG). Callers that flip themselves leave `flip` False."""
+    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = False,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1], on `device` (default: CPU). With `flip=True`
+        (and `hflip` in the config), each image is mirrored with probability 1/2, drawn from `generator` (a CPU
+        torch.Generator; pass one, or the draw comes from torch's global RNG). Callers that flip themselves
+        leave `flip` False."""
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        batch = torch.from_numpy(self.uint8_batch(indices)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        pixels = torch.from_numpy(self.uint8_batch(indices))
+        if device is not None:  # move the bytes, a quarter of the float32 batch; convert there (same values)
+            pixels = pixels.to(device)
+        batch = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         if flip and self.config.hflip:
-            mirrored = torch.rand(len(indices), generator=generator) < 0.5
+            mirrored = (torch.rand(len(indices), generator=generator) < 0.5).to(batch.device)
             batch[mirrored] = batch[mirrored].flip(-1)
         return batch.contiguous()
 

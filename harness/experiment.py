@@ -60,6 +60,8 @@ class Stage:
     eval: Any = None  # harness.evaluate.EvalConfig, or None for no FID
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: str = "off"  # torch.compile mode for training and sampling: off | default | reduce-overhead (CUDA
+    # graphs: for small steps such as masked ones on a GPU) | max-autotune; the first steps compile
     init_from: str = "raw"  # which weights of the parent stage to start from: raw | ema (MaskDM: raw)
     init_checkpoint: str | None = None  # start from an external checkpoint (e.g. converted MaskDM weights)
     nan_policy: str = "stop"  # stop | skip (skip the batch and go on)
@@ -95,6 +97,7 @@ class Stage:
                 raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
                                    f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
         for key, allowed in (("precision", ("auto", "fp32", "bf16", "fp16")), ("init_from", ("raw", "ema")),
+                             ("compile", ("off", "default", "reduce-overhead", "max-autotune")),
                              ("nan_policy", ("stop", "skip"))):
             if getattr(self, key) not in allowed:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")

@@ -100,6 +100,19 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class InPrecision(nn.Module):
+    """Runs a module's forward under autocast to `dtype` (None: as it is). Sampling uses it, so that only the
+    model's forward changes precision, never the sampler's arithmetic or the Inception features of FID."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.module(*args, **kwargs)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = list(ema.parameters())
@@ -128,15 +141,23 @@ class Trainer:
             report = load_weights_strictly(self.model, ctx.init_weights, ctx.init_source or "the parent stage")
             log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.net = self.model
+        self.net = self.model  # what the step calls: the model, wrapped for DDP and/or compiled
+        self.autocast_dtype = _autocast_dtype(spec.precision, device)
+        # what evaluation and sample grids call: the EMA model in the stage's precision, maybe compiled
+        self.sampling_net: nn.Module = InPrecision(self.ema, device.type, self.autocast_dtype)
         if ctx.world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if spec.compile != "off":
+            # The wrappers share the parameters of `model` and `ema`: checkpoints, EMA updates and FLOP counts
+            # keep using the plain modules. Masks hide a fixed count of patches, so shapes stay static.
+            self.net = torch.compile(self.net, mode=spec.compile)
+            self.sampling_net = InPrecision(torch.compile(self.ema, mode=spec.compile), device.type,
+                                            self.autocast_dtype)
         # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
         # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay), lr=spec.lr,
                                            betas=spec.betas, fused=True)
-        self.autocast_dtype = _autocast_dtype(spec.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.diffusion = spec.diffusion.build(device)
         self.dataset = spec.data.build()
@@ -145,6 +166,11 @@ class Trainer:
         self.cost = CostMeter.for_device(device, ctx.world_size, mask=spec.mask.name,
                                          mask_ratio=spec.mask.actual_ratio(self.grid))
         self.step = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The stage's precision (bf16 autocast on GPU by default), for training and sampling alike."""
+        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def draw(self, step: int) -> tuple[torch.Tensor, ...]:
@@ -159,7 +185,7 @@ class Trainer:
         flip = torch.rand(b, generator=gen, device=device) < 0.5 if spec.data.hflip else None
         mask = spec.mask.sample(b, self.grid, generator=gen, device=device)
         lo, hi = self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch
-        x0 = self.dataset.get_batch(idx[lo:hi]).to(device, non_blocking=True)
+        x0 = self.dataset.get_batch(idx[lo:hi], device=device)
         if flip is not None:
             x0 = torch.where(flip[lo:hi, None, None, None], x0.flip(-1), x0)
         return x0, t[lo:hi], noise[lo:hi], None if mask is None else mask[lo:hi]
@@ -175,14 +201,15 @@ class Trainer:
             group["lr"] = spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
         x0, t, noise, mask = self.draw(step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.spec.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free to reuse
         n_micro = self.local_batch // self.micro_batch
         total = torch.zeros((), device=device)
         for i in range(n_micro):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
             sync = i == n_micro - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
             with (self.net.no_sync() if not sync else contextlib.nullcontext()):
-                with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                with self.autocast():
                     loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
                                                   mask=None if mask is None else mask[sl])
                 self.scaler.scale(loss / n_micro).backward()
@@ -303,7 +330,7 @@ class Trainer:
         if self.evaluate is None or not self.ctx.is_main:
             return
         with self.cost.evaluating():
-            self.evaluate(self.ema, self.diffusion, self.step, self.cost.snapshot())
+            self.evaluate(self.sampling_net, self.diffusion, self.step, self.cost.snapshot())
 
     @torch.no_grad()
     def write_sample_grid(self) -> None:
@@ -316,7 +343,7 @@ class Trainer:
 
         spec = self.spec
         with self.cost.evaluating():
-            images = sample_images(self.ema, self.diffusion, SamplerConfig(kind="ddim", steps=spec.sample_steps,
+            images = sample_images(self.sampling_net, self.diffusion, SamplerConfig(kind="ddim", steps=spec.sample_steps,
                                                                            eta=1.0),
                                    n=spec.num_sample_images,
                                    shape=(spec.model.in_chans, spec.model.img_size, spec.model.img_size),

@@ -22,7 +22,8 @@ ROW_FIELDS = {
     "median_step_seconds", "images_per_second", "tokens_per_second", "flops_per_step", "achieved_flops_per_second",
     "matmul_shape", "matmul_flops_per_second", "matmul_fraction", "peak_memory_bytes", "peak_memory_kind",
     "loader_images_per_second", "sampler", "sampling_images_per_second", "stage_steps", "stage_batch_size",
-    "estimated_hours", "estimated_device_hours", "device_hours_unit", "scaled_from_batch",
+    "estimated_hours", "estimated_device_hours", "device_hours_unit", "scaled_from_batch", "peak_fraction",
+    "precision", "compiled",
 }
 
 
@@ -48,7 +49,8 @@ def compare_report(tmp_path_factory) -> dict:
 def test_json_has_every_field_and_consistent_figures(compare_report):
     report = compare_report
     assert {"recipe", "device", "threads", "torch_version", "load_average", "rows", "comparisons", "notes",
-            "targets"} <= set(report)
+            "targets", "peak_flops", "peak_flops_source", "large_matmul_flops"} <= set(report)
+    assert report["peak_flops"] is None and report["large_matmul_flops"] is None  # GPU only
     assert report["threads"] == torch.get_num_threads()
     rows = report["rows"]
     assert [(r["variant"], r["mask"]) for r in rows] == [("stage", "block2"), ("no mask", "none")]
@@ -69,6 +71,7 @@ def test_json_has_every_field_and_consistent_figures(compare_report):
         assert row["estimated_device_hours"] == pytest.approx(row["estimated_hours"] * report["threads"])
         assert row["device_hours_unit"] == "core-hours"
         assert row["peak_memory_bytes"] > 10 * 2**20 and row["loader_images_per_second"] > 0
+        assert (row["precision"], row["compiled"], row["peak_fraction"]) == ("float32", "off", None)
     # block 2 at 75% on the 8x8 grid hides 48 patches: 16 visible + the time token enter the blocks
     assert [r["tokens_per_image"] for r in rows] == [17, 65]
     assert rows[0]["mask_ratio"] == 0.75 and rows[1]["mask_ratio"] == 0.0
@@ -199,3 +202,34 @@ def test_train_step_equals_clip_grad_norm_and_adamw(tiny_recipe, grad_clip):
     assert (expected_norm > grad_clip > 0) == clips
     if clips:  # the same step without clipping moves the weights otherwise
         assert not _same_update(after, _textbook_step(trainer, initial, None)[2], before, rtol=1e-2)
+
+
+def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, tmp_path):
+    """Stage.compile = 'default': the same loss and update as the eager step (to float tolerance: inductor fuses
+    and reorders), compiled sampling gives the eager samples, and `--compile --json-out` records the mode."""
+    from harness.sampling import SamplerConfig, sample_batch
+    from harness.train import TrainContext, Trainer
+
+    trainers = []
+    for mode in ("off", "default"):
+        spec = _stages(tiny_recipe, f"Stage.compile = '{mode}'")["pretrain"].spec
+        trainers.append(Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu"))))
+    eager, compiled = trainers
+    assert compiled.net is not compiled.model and eager.net is eager.model
+    for step in range(2):
+        losses = [t.train_step(step)[0] for t in trainers]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+    sampler, shape = SamplerConfig("ddim", 2, eta=1.0), (3, 32, 32)
+    images = [sample_batch(t.sampling_net, t.diffusion, sampler, range(2), shape, 0, torch.device("cpu"))
+              for t in trainers]
+    assert torch.allclose(images[0], images[1], atol=1e-4)
+
+    out = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()) as table:
+        assert cli_main(["bench", str(tiny_recipe), "--stage", "finetune", "--steps", "1", "--warmup", "1",
+                         "--sample-steps", "1", "--compile", "--json-out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["compiled"] == "default" and row["stage"] == "finetune"
+    assert "compiled (default)" in table.getvalue()

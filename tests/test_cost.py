@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from harness.cost import SNAPSHOT_KEYS, CostMeter, DeviceInfo, describe_device, measure_step_flops
+from harness.cost import (SNAPSHOT_KEYS, CostMeter, DeviceInfo, describe_device, measure_step_flops,
+                          model_flop_formulas)
 
 COST_JSON_KEYS = {  # docs/internals.md, "Run folder files"
     "device", "device_count", "train_seconds", "eval_seconds", "device_hours", "eval_device_hours", "steps",
@@ -115,6 +117,27 @@ def test_attention_flops_are_counted_on_cpu():
 
     # two [16 x 3] @ [3 x 16]-sized products forward (2*B*L*L*C each), twice as much backward
     assert measure_step_flops(Attn(), Loss(), x0) == 3 * 2 * (2 * 2 * 16 * 16 * 3)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])
+def test_fused_attention_counts_the_model_flops_of_the_math_path(kernel):
+    """On CUDA the step runs fused attention kernels whose backward recomputes the scores; the count must still
+    equal what the math path (CPU) counts, so that a stage's FLOPs do not depend on the device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import flop_registry
+
+    b, h, s, d = 2, 4, 33, 16
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        out.sum().backward()
+    aten = torch.ops.aten
+    forward = getattr(aten, f"_scaled_dot_product_{kernel}_attention")
+    backward = getattr(aten, f"_scaled_dot_product_{kernel}_attention_backward")
+    # the formulas read shapes only: (grad_out, query, key, value, ...) for every backward kernel
+    fused = flop_registry[forward](q, k, v) + model_flop_formulas()[backward](out, q, k, v)
+    assert fused == counter.get_total_flops() == 3 * 2 * (2 * b * h * s * s * d)
+    assert flop_registry[backward](out, q, k, v) > model_flop_formulas()[backward](out, q, k, v)  # torch's own
 
 
 def test_meter_counts_steps_images_tokens_flops():

@@ -138,6 +138,8 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
     ("Stage.stepz = 3", "doesn't have a parameter named 'stepz'"),
     ("Stage.steps = ", "Unable to parse"),
     ("Stage.precision = 'fp8'", "precision"),
+    ("Stage.compile = 'fast'", "compile = 'fast'; use one of ('off', 'default', 'reduce-overhead'"),
+    ("Stage.compile = True", "compile = True is not a valid str"),
     ("Experiment.name = '../escape'", "not allowed"),
     ("Experiment.arms = {}", "declares no arms"),
     ("BlockMask.block_size = 3", "block"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = "time a recipe's training steps: step time, images/s, FLOP/s, memory, stage cost, mask efficiency"
 
@@ -15,6 +16,8 @@ the model's resolution (the output says so). To choose the data yourself, overri
 Examples:
   harness bench recipes/celeba64_mask_ablation.gin --stage pretrain --batch-size 8 --threads 2 \\
       --gin 'MASK_RATIO = 0.9' --compare-mask
+  harness bench recipes/celebahq_mask90.gin --stage pretrain --device cuda --batch-size 16 --compare-mask \
+      --compile
   harness bench recipes/celebahq_mask90.gin --device cuda --json > bench.json
 """
 
@@ -38,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ratio, the FLOPs ratio and their quotient (target <= 1.25)")
     parser.add_argument("--sample-steps", type=int, default=2,
                         help="DDIM steps timed for the sampling figure, scaled to the sampler's steps (default 2)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=("off", "default", "reduce-overhead", "max-autotune"), metavar="MODE",
+                        help="torch.compile the model in this mode (as Stage.compile = 'MODE' would; MODE "
+                             "default: 'default'; 'reduce-overhead' adds CUDA graphs); the warm-up steps compile")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                        help="override the stages' precision (default: theirs; auto = bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
+    parser.add_argument("--json-out", default=None, metavar="PATH",
+                        help="also write the figures as JSON to PATH (the table is printed as usual)")
     parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
                         help="extra gin binding, repeatable, e.g. --gin \"DataConfig.source = 'shapes'\"")
 
@@ -59,13 +70,22 @@ def main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise HarnessError(f"--device {device!r} is not known; use cpu or cuda")
-    load_recipe(args.recipe, args.gin)
+    bindings = list(args.gin)
+    if args.compile is not None:
+        bindings.append(f"Stage.compile = '{args.compile}'")
+    if args.precision is not None:
+        bindings.append(f"Stage.precision = '{args.precision}'")
+    load_recipe(args.recipe, bindings)
     plan = plan_from_gin()
     stages = [plan.stages[sid] for sid in select_stages(plan, args.stage)]
     options = BenchOptions(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=device,
                            compare_mask=args.compare_mask, sample_steps=args.sample_steps)
     say = (lambda message: None) if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr))
     report = run_bench(str(args.recipe), stages, options, progress=say)
+    if args.json_out:
+        from harness.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.json_out), json.dumps(report.to_json(), indent=2) + "\n")
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -86,28 +106,34 @@ def print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.bench import MATMUL_TARGET
+    from harness.bench import MATMUL_TARGET, PEAK_TARGET
 
     console = Console()
     if not console.is_terminal:
         console.width = 220  # a log file has no width limit; do not squash the columns
     load = "" if report.load_average is None else f", load {report.load_average[0]:.2f}"
+    gpu = report.peak_flops is not None
     table = Table(title=f"harness bench [bold]{report.recipe}[/] on {report.device} ({report.device_name}, "
                         f"{report.threads} threads{load}, torch {report.torch_version})")
-    for column in ("stage", "mask", "batch", "tokens", "step s", "img/s", "tok/s", "FLOP/step", "FLOP/s",
-                   "matmul FLOP/s", "of matmul", "peak mem", "loader img/s", "sampling img/s", "stage est."):
-        table.add_column(column, justify="left" if column in ("stage", "mask") else "right")
+    columns = ["stage", "mask", "batch", "tokens", "precision", "step s", "img/s", "tok/s", "FLOP/step", "FLOP/s",
+               "matmul FLOP/s", "of matmul"] + (["of peak"] if gpu else []) + \
+        ["peak mem", "loader img/s", "sampling img/s", "stage est."]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("stage", "mask", "precision") else "right")
     for r in report.rows:
         estimate = f"{r.estimated_hours:.3g} h = {r.estimated_device_hours:.3g} {r.device_hours_unit}"
         estimate += " (scaled)" if r.scaled_from_batch else ""
         sampling = "-" if r.sampling_images_per_second is None else \
             f"{r.sampling_images_per_second:.3g} ({r.sampler})"
-        table.add_row(f"{r.stage}" + (f" [dim]({r.variant})[/]" if r.variant != "stage" else ""),
-                      f"{r.mask} ({r.mask_ratio:.1%})", str(r.batch_size), str(r.tokens_per_image),
-                      f"{r.median_step_seconds:.3f}", f"{r.images_per_second:.3g}", _si(r.tokens_per_second),
-                      _si(r.flops_per_step), _si(r.achieved_flops_per_second),
-                      _si(r.matmul_flops_per_second), f"{r.matmul_fraction:.0%}", _si(r.peak_memory_bytes, "B"),
-                      f"{r.loader_images_per_second:.3g}", sampling, estimate)
+        cells = [f"{r.stage}" + (f" [dim]({r.variant})[/]" if r.variant != "stage" else ""),
+                 f"{r.mask} ({r.mask_ratio:.1%})", str(r.batch_size), str(r.tokens_per_image),
+                 r.precision + ("" if r.compiled == "off" else f" compiled ({r.compiled})"),
+                 f"{r.median_step_seconds:.3f}", f"{r.images_per_second:.3g}", _si(r.tokens_per_second),
+                 _si(r.flops_per_step), _si(r.achieved_flops_per_second),
+                 _si(r.matmul_flops_per_second), f"{r.matmul_fraction:.0%}"]
+        cells += [f"{r.peak_fraction:.0%}"] if gpu else []
+        cells += [_si(r.peak_memory_bytes, "B"), f"{r.loader_images_per_second:.3g}", sampling, estimate]
+        table.add_row(*cells)
     console.print(table)
     if report.comparisons:
         comparisons = Table(title="token-dropping efficiency: masked step vs the same step without a mask")
@@ -121,5 +147,10 @@ def print_report(report) -> None:
     console.print(f"[dim]'of matmul': achieved FLOP/s (forward + backward FLOPs over the whole step time) as a "
                   f"share of a plain matmul of the MLP shape in the same run (target >= {MATMUL_TARGET:.0%} "
                   "for the unmasked step on CPU float32).[/]")
+    if gpu:
+        console.print(f"[dim]'of peak': achieved FLOP/s as a share of the device's peak bf16 FLOP/s, "
+                      f"{_si(report.peak_flops, 'FLOP/s')} ({report.peak_flops_source}; a large bf16 matmul "
+                      f"reached {_si(report.large_matmul_flops, 'FLOP/s')} in this run; target >= "
+                      f"{PEAK_TARGET:.0%} for the CelebA-HQ 256 model).[/]")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
