@@ -223,6 +223,14 @@ def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.
     return lambda: _timed(lambda: torch.matmul(a, b), device)
 
 
+def data_sheet_peak(device_name: str) -> tuple[str, float] | None:
+    """(matched name, dense bf16 peak FLOP/s) of a CUDA device name from BF16_PEAK_FLOPS, or None."""
+    for key, peak in BF16_PEAK_FLOPS:
+        if key in device_name:
+            return key, peak
+    return None
+
+
 def gpu_peak_flops(device: torch.device) -> tuple[float, str, float]:
     """(peak bf16 FLOP/s, where it comes from, FLOP/s of a large bf16 matmul timed now) of a CUDA device."""
     name = torch.cuda.get_device_name(device)
@@ -231,9 +239,9 @@ def gpu_peak_flops(device: torch.device) -> tuple[float, str, float]:
     for _ in range(3):
         timer()  # the clocks ramp up
     measured = 2 * n**3 / statistics.median(timer() for _ in range(10))
-    for key, peak in BF16_PEAK_FLOPS:
-        if key in name:
-            return peak, f"data sheet ({key}, dense bf16)", measured
+    sheet = data_sheet_peak(name)
+    if sheet is not None:
+        return sheet[1], f"data sheet ({sheet[0]}, dense bf16)", measured
     return measured, f"measured ({n}^3 bf16 matmul; {name} not in the data-sheet table)", measured
 
 

@@ -151,6 +151,8 @@ class Trainer:
         if spec.compile != "off":
             # The wrappers share the parameters of `model` and `ema`: checkpoints, EMA updates and FLOP counts
             # keep using the plain modules. Masks hide a fixed count of patches, so shapes stay static.
+            log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
+                     spec.name, spec.compile)
             self.net = torch.compile(self.net, mode=spec.compile)
             self.sampling_net = InPrecision(torch.compile(self.ema, mode=spec.compile), device.type,
                                             self.autocast_dtype)

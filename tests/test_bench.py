@@ -233,3 +233,30 @@ def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, t
     (row,) = json.loads(out.read_text())["rows"]
     assert row["compiled"] == "default" and row["stage"] == "finetune"
     assert "compiled (default)" in table.getvalue()
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_gpu_peak_comes_from_the_data_sheet_by_device_name(name, peak):
+    from harness.bench import data_sheet_peak
+
+    found = data_sheet_peak(name)
+    assert (None if found is None else found[1]) == peak
+
+
+def test_sampling_net_runs_the_ema_model_in_the_stage_precision(tiny_recipe, tmp_path):
+    """Only the model's forward changes precision (bf16 here, as on a GPU by default); fp32 leaves it alone."""
+    from harness.train import InPrecision, TrainContext, Trainer
+
+    spec = _stages(tiny_recipe)["finetune"].spec
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
+    assert trainer.sampling_net.module is trainer.ema and trainer.sampling_net.dtype is None  # CPU: fp32
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 500])
+    with torch.no_grad():
+        plain = trainer.ema(x, t)
+        assert torch.equal(trainer.sampling_net(x, t), plain)
+        half = InPrecision(trainer.ema, "cpu", torch.bfloat16)(x, t)
+    assert half.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert torch.allclose(half.float(), plain, atol=0.1) and not torch.equal(half.float(), plain)
