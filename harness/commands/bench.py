@@ -16,7 +16,7 @@ the model's resolution (the output says so). To choose the data yourself, overri
 Examples:
   harness bench recipes/celeba64_mask_ablation.gin --stage pretrain --batch-size 8 --threads 2 \\
       --gin 'MASK_RATIO = 0.9' --compare-mask
-  harness bench recipes/celebahq_mask90.gin --stage pretrain --device cuda --batch-size 16 --compare-mask \
+  harness bench recipes/celebahq_mask90.gin --stage pretrain --device cuda --batch-size 16 --compare-mask \\
       --compile
   harness bench recipes/celebahq_mask90.gin --device cuda --json > bench.json
 """
