@@ -79,7 +79,7 @@ class StepBench:
     matmul_shape: tuple[int, int, int]  # (M, K, N) of the reference matmul
     matmul_flops_per_second: float
     matmul_fraction: float  # achieved / matmul
-    peak_fraction: float | None  # achieved / the device's peak FLOP/s (GPU only; see BenchReport.peak_flops)
+    peak_fraction: float | None  # achieved / the device's peak bf16 FLOP/s (GPU, 16-bit precision only)
     precision: str  # the step's autocast dtype, or float32
     compiled: str  # Stage.compile: the torch.compile mode, or "off"
     peak_memory_bytes: int
@@ -269,7 +269,8 @@ def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, flo
     shape = (spec.model.in_chans, spec.model.img_size, spec.model.img_size)
     # the sampler as evaluation runs it: the EMA model in the stage's precision (compiled when the stage is)
     run = lambda s: sample_batch(trainer.sampling_net, trainer.diffusion, s, range(n), shape, 0, device)  # noqa: E731
-    run(SamplerConfig("ddim", 1, eta=probe.eta))  # warm-up (and compilation)
+    for _ in range(2):  # warm-up: compilation, and CUDA graphs record on their second call
+        run(SamplerConfig("ddim", 1, eta=probe.eta))
     seconds = _timed(lambda: run(probe), device)
     return sampler.name, n / (seconds / steps * sampler.steps)
 
@@ -354,7 +355,9 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 tokens_per_second=variant.batch_size * tokens[k] / median, flops_per_step=flops,
                 achieved_flops_per_second=flops / median, matmul_shape=(m, d, hidden),
                 matmul_flops_per_second=matmul_flops, matmul_fraction=flops / median / matmul_flops,
-                peak_fraction=None if peak_flops is None else flops / median / peak_flops,
+                # the peak is a 16-bit tensor-core figure: a float32 step has no share of it
+                peak_fraction=None if peak_flops is None or trainer.autocast_dtype is None
+                else flops / median / peak_flops,
                 precision=str(trainer.autocast_dtype or torch.float32).removeprefix("torch."),
                 compiled=variant.compile,
                 peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,

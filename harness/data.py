@@ -14,6 +14,7 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -157,6 +158,18 @@ def subset_order(total: int, seed: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- datasets
+@functools.lru_cache(maxsize=None)
+def _pixel_table(device: str) -> torch.Tensor:
+    # computed on the CPU whatever the device: CUDA divides by a scalar through its reciprocal, which can change
+    # the last bit, and a batch must hold the same values on every device
+    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0).to(device)
+
+
+def pixel_values(device: torch.device | str) -> torch.Tensor:
+    """float32 [256]: the value in [-1, 1] of each uint8 pixel value (v / 127.5 - 1), on `device`."""
+    return _pixel_table(str(torch.device(device)))
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images as float32 [C, H, W] in [-1, 1]. Subclasses supply `uint8_batch` (uint8 [B, H, W, 3])."""
 
@@ -183,9 +196,9 @@ class ImageDataset(torch.utils.data.Dataset):
         leave `flip` False."""
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         pixels = torch.from_numpy(self.uint8_batch(indices))
-        if device is not None:  # move the bytes, a quarter of the float32 batch; convert there (same values)
-            pixels = pixels.to(device)
-        batch = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if device is not None:
+            pixels = pixels.to(device)  # the bytes travel: a quarter of the float32 batch
+        batch = pixel_values(pixels.device)[pixels.int()].permute(0, 3, 1, 2)
         if flip and self.config.hflip:
             mirrored = (torch.rand(len(indices), generator=generator) < 0.5).to(batch.device)
             batch[mirrored] = batch[mirrored].flip(-1)

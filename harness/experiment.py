@@ -201,7 +201,13 @@ class Plan:
         return path
 
 
+# Stage fields that change how a stage runs, not what it trains: left out of its id, so that switching them on
+# for a half-done stage resumes it (stage.json still records them).
+RUN_OPTIONS = ("compile",)
+
+
 def stage_id(description: dict[str, Any], parent: str | None) -> str:
+    description = {k: v for k, v in description.items() if k not in RUN_OPTIONS}
     blob = json.dumps({"parent": parent, "stage": description}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -145,7 +145,8 @@ class Trainer:
         self.autocast_dtype = _autocast_dtype(spec.precision, device)
         # what evaluation and sample grids call: the EMA model in the stage's precision, maybe compiled
         self.sampling_net: nn.Module = InPrecision(self.ema, device.type, self.autocast_dtype)
-        if ctx.world_size > 1:
+        self.ddp = ctx.world_size > 1  # (the compiled wrapper hides the DDP module's type, hence a flag)
+        if self.ddp:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if spec.compile != "off":
@@ -209,7 +210,8 @@ class Trainer:
         total = torch.zeros((), device=device)
         for i in range(n_micro):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-            sync = i == n_micro - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
+            # DDP all-reduces the gradients of the last micro-batch only
+            sync = i == n_micro - 1 or not self.ddp
             with (self.net.no_sync() if not sync else contextlib.nullcontext()):
                 with self.autocast():
                     loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
@@ -331,8 +333,10 @@ class Trainer:
     def _evaluate(self) -> None:
         if self.evaluate is None or not self.ctx.is_main:
             return
+        # the row says in which precision its samples were drawn (bf16 on a GPU by default)
+        extra = {**self.cost.snapshot(), "sample_precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
         with self.cost.evaluating():
-            self.evaluate(self.sampling_net, self.diffusion, self.step, self.cost.snapshot())
+            self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
 
     @torch.no_grad()
     def write_sample_grid(self) -> None:

@@ -1,6 +1,6 @@
 """`harness bench`: the figures it reports and how they relate (no timing is asserted: machines vary), and the
 performance fixes of the training step keep its maths (patch embedding of visible patches, conditional clipping,
-fused AdamW)."""
+fused AdamW, torch.compile, sampling in the stage's precision)."""
 from __future__ import annotations
 
 import contextlib
@@ -207,9 +207,16 @@ def test_train_step_equals_clip_grad_norm_and_adamw(tiny_recipe, grad_clip):
 def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, tmp_path):
     """Stage.compile = 'default': the same loss and update as the eager step (to float tolerance: inductor fuses
     and reorders), compiled sampling gives the eager samples, and `--compile --json-out` records the mode."""
+    import os
+    import shutil
+
     from harness.sampling import SamplerConfig, sample_batch
     from harness.train import TrainContext, Trainer
 
+    if not (shutil.which("g++") or shutil.which("c++")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("no C++ compiler: torch.compile cannot build CPU kernels (scripts/test.sh installs g++)")
+        pytest.skip("no C++ compiler for torch.compile's CPU kernels (install g++)")
     trainers = []
     for mode in ("off", "default"):
         spec = _stages(tiny_recipe, f"Stage.compile = '{mode}'")["pretrain"].spec
@@ -260,3 +267,26 @@ def test_sampling_net_runs_the_ema_model_in_the_stage_precision(tiny_recipe, tmp
         half = InPrecision(trainer.ema, "cpu", torch.bfloat16)(x, t)
     assert half.dtype == torch.bfloat16 and plain.dtype == torch.float32
     assert torch.allclose(half.float(), plain, atol=0.1) and not torch.equal(half.float(), plain)
+
+
+def test_evaluation_and_sample_grids_sample_with_the_sampling_net(tiny_recipe, tmp_path, monkeypatch):
+    import harness.sampling
+    from harness.train import TrainContext, Trainer
+
+    spec = _stages(tiny_recipe, "finetune/Stage.eval = @EvalConfig()", "EvalConfig.num_samples = 4",
+                   "EvalConfig.metrics = ('fid',)")["finetune"].spec
+    calls = []
+    evaluate = lambda model, diffusion, step, extra: calls.append(("eval", model, step, extra))  # noqa: E731
+
+    def sample_images(model, diffusion, sampler, n, shape, **kwargs):
+        calls.append(("grid", model))
+        return torch.zeros(n, *shape)
+
+    monkeypatch.setattr(harness.sampling, "sample_images", sample_images)
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")), evaluate)
+    assert trainer.run() == "done"
+    (grid,) = [c for c in calls if c[0] == "grid"]
+    (evaluation,) = [c for c in calls if c[0] == "eval"]
+    assert grid[1] is trainer.sampling_net and evaluation[1] is trainer.sampling_net
+    assert evaluation[2] == spec.steps and evaluation[3]["sample_precision"] == "float32"
+    assert evaluation[3]["images_seen"] == spec.steps * spec.batch_size  # with the cost snapshot

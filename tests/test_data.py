@@ -93,6 +93,24 @@ def test_get_batch_flip_is_driven_by_the_generator():
 
 
 # ---------------------------------------------------------------------------------------------- subsets
+def test_pixel_values_are_exact_and_the_same_on_every_device():
+    """uint8 v -> v / 127.5 - 1 in float32, correctly rounded (numpy's IEEE division), from one table that is
+    computed on the CPU and looked up wherever the batch lives (CUDA's scalar division may differ in the last
+    bit)."""
+    from harness.data import pixel_values
+
+    exact = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    assert np.array_equal(pixel_values("cpu").numpy(), exact)
+    data = DataConfig(source="faces", resolution=16, num_images=8).build()
+    batch = data.get_batch(range(8))
+    raw = torch.from_numpy(data.uint8_batch(list(range(8)))).permute(0, 3, 1, 2)
+    assert batch.dtype == torch.float32 and batch.is_contiguous() and batch.shape == (8, 3, 16, 16)
+    assert torch.equal(batch, torch.from_numpy(exact)[raw.long()])
+    assert torch.equal(data.get_batch(range(8), device="cpu"), batch)
+    if torch.cuda.is_available():
+        assert torch.equal(data.get_batch(range(8), device="cuda").cpu(), batch)
+
+
 def test_subset_is_deterministic_and_recorded(tmp_path):
     full = DataConfig(num_images=200)
     a = DataConfig(num_images=200, subset=20, subset_seed=1)

@@ -34,6 +34,18 @@ def test_stage_ids_are_stable_and_follow_config_changes(tiny_recipe):
     assert changed.stages[new["finetune"]].parent == new["pretrain"]
 
 
+def test_stage_ids_do_not_move_between_versions_nor_with_run_options(tiny_recipe):
+    """Results folders are found by stage id: an id that changes with a harness version (or with a run option
+    such as torch.compile) would silently retrain finished stages. These ids were computed by the first
+    release; a deliberate change to what a stage means must update them and say so."""
+    first_release = {"scratch": "61de2ea8e7a9179a", "pretrain": "4b9f2af2e57f1518", "finetune": "604d7e2876b5eae0"}
+    for bindings in ([], ["Stage.compile = 'default'"], ["pretrain/Stage.compile = 'reduce-overhead'"]):
+        _, plan = _plan(tiny_recipe, *bindings)
+        assert {ps.name: sid for sid, ps in plan.stages.items()} == first_release
+    _, plan = _plan(tiny_recipe, "Stage.compile = 'default'")
+    assert all(ps.spec.describe()["compile"] == "default" for ps in plan.stages.values())  # recorded all the same
+
+
 def test_shared_stage_is_planned_once(tiny_recipe):
     text = tiny_recipe.read_text().replace(
         "Experiment.arms = {", "Experiment.arms = {'two_stage_b': [@pretrain/Stage(), @finetune2/Stage()], ")

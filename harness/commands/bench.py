@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None,
                         choices=("off", "default", "reduce-overhead", "max-autotune"), metavar="MODE",
                         help="torch.compile the model in this mode (as Stage.compile = 'MODE' would; MODE "
-                             "default: 'default'; 'reduce-overhead' adds CUDA graphs); the warm-up steps compile")
+                             "default: 'default'; 'reduce-overhead' adds CUDA graphs); the warm-up steps compile. "
+                             "Put it after the recipe (or write --compile=MODE)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                         help="override the stages' precision (default: theirs; auto = bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
@@ -131,7 +132,7 @@ def print_report(report) -> None:
                  f"{r.median_step_seconds:.3f}", f"{r.images_per_second:.3g}", _si(r.tokens_per_second),
                  _si(r.flops_per_step), _si(r.achieved_flops_per_second),
                  _si(r.matmul_flops_per_second), f"{r.matmul_fraction:.0%}"]
-        cells += [f"{r.peak_fraction:.0%}"] if gpu else []
+        cells += ["-" if r.peak_fraction is None else f"{r.peak_fraction:.0%}"] if gpu else []
         cells += [_si(r.peak_memory_bytes, "B"), f"{r.loader_images_per_second:.3g}", sampling, estimate]
         table.add_row(*cells)
     console.print(table)
