@@ -13,7 +13,9 @@ Two ratios are measured in the same run, so that the machine's speed and load ca
   (batch x tokens, width) x (width, mlp hidden), timed between the rounds of steps.
 
 Beside them: the data loader's images/s (`dataset.get_batch` alone) and the evaluation sampler's images/s
-(a few DDIM steps timed, scaled to the sampler's step count).
+(a few DDIM steps timed, scaled to the sampler's step count). With `profile_steps`, a few more steps run under
+`torch.profiler` (after the timed ones, so the profiler's overhead never reaches the figures) and the report
+keeps each row's table of operators by self time.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class BenchOptions:
     compare_mask: bool = False
     sample_steps: int = 2  # DDIM steps timed for the sampling figure, scaled to the sampler's steps
     sample_batch: int | None = None  # images sampled at once; None: the bench batch size
+    profile_steps: int = 0  # > 0: also run this many steps under torch.profiler and keep its table per row
 
 
 @dataclass
@@ -125,6 +128,7 @@ class BenchReport:
     rows: list[StepBench] = field(default_factory=list)
     comparisons: list[MaskComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)  # "stage (variant)" -> torch.profiler's top operators
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -275,6 +279,20 @@ def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, flo
     return sampler.name, n / (seconds / steps * sampler.steps)
 
 
+def profile_table(trainer, first_step: int, steps: int, rows: int = 15) -> str:
+    """torch.profiler's operators of `steps` training steps, by self time (on CUDA: self GPU time), as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.ctx.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(first_step, first_step + steps):
+            trainer.train_step(step, grad_norm_wanted=False)
+        _synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+
+
 def step_flops(trainer) -> int:
     """FLOPs of one step of this trainer: measured on one image of step 0's batch and scaled (exact: FLOPs are
     linear in the batch), as the training loop itself does."""
@@ -292,9 +310,10 @@ def step_flops(trainer) -> int:
 
 def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 progress: Callable[[str], None] = lambda message: None,
-                peak_flops: float | None = None) -> tuple[list[StepBench], MaskComparison | None]:
+                peak_flops: float | None = None,
+                profiles: dict[str, str] | None = None) -> tuple[list[StepBench], MaskComparison | None]:
     """Time one stage (and with `compare_mask` its unmasked twin, interleaved); returns its rows and the
-    comparison."""
+    comparison. With `options.profile_steps`, each row's profiler table goes into `profiles`."""
     from harness.cost import describe_device
     from harness.train import TrainContext, Trainer
 
@@ -335,6 +354,12 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 # as the training loop runs its steps between log steps (no gradient norm unless clipping)
                 times[k].append(_timed(lambda: trainer.train_step(first + i, grad_norm_wanted=False), device))
                 matmul_times[k].append(matmuls[k]())
+
+        if options.profile_steps > 0 and profiles is not None:
+            progress(f"{spec.name}: profiling {options.profile_steps} steps x {len(trainers)}")
+            for (name, _), trainer in zip(variants, trainers):
+                label = spec.name + ("" if name == "stage" else f" ({name})")
+                profiles[label] = profile_table(trainer, first + options.steps, options.profile_steps)
 
         progress(f"{spec.name}: FLOPs, loader and sampler")
         info = describe_device(device)
@@ -382,8 +407,9 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
     """Benchmark the given stages of a planned recipe, one after another."""
     from harness.cost import describe_device
 
-    if options.steps < 1 or options.warmup < 0:
-        raise HarnessError(f"--steps must be >= 1 and --warmup >= 0, got {options.steps} and {options.warmup}")
+    if options.steps < 1 or options.warmup < 0 or options.profile_steps < 0:
+        raise HarnessError(f"--steps must be >= 1, --warmup and --profile >= 0, got {options.steps}, "
+                           f"{options.warmup} and {options.profile_steps}")
     if options.batch_size is not None and options.batch_size < 1:
         raise HarnessError(f"--batch-size must be at least 1, got {options.batch_size}")
     device = torch.device(options.device)
@@ -403,7 +429,8 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
         progress("timing a large bf16 matmul for the device's peak")
         report.peak_flops, report.peak_flops_source, report.large_matmul_flops = gpu_peak_flops(device)
     for planned in stages:
-        rows, comparison = bench_stage(planned, options, report.notes, progress, report.peak_flops)
+        rows, comparison = bench_stage(planned, options, report.notes, progress, report.peak_flops,
+                                       report.profiles)
         report.rows += rows
         if comparison is not None:
             report.comparisons.append(comparison)

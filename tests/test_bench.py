@@ -290,3 +290,18 @@ def test_evaluation_and_sample_grids_sample_with_the_sampling_net(tiny_recipe, t
     assert grid[1] is trainer.sampling_net and evaluation[1] is trainer.sampling_net
     assert evaluation[2] == spec.steps and evaluation[3]["sample_precision"] == "float32"
     assert evaluation[3]["images_seen"] == spec.steps * spec.batch_size  # with the cost snapshot
+
+
+def test_profile_keeps_a_table_of_operators_per_row(tiny_recipe):
+    """`--profile N`: N more steps under torch.profiler per row, after the timed ones; the tables name the
+    step's real operators (the matmuls and the fused AdamW)."""
+    stages = _stages(tiny_recipe)
+    options = BenchOptions(steps=1, warmup=0, sample_steps=1, compare_mask=True, profile_steps=1)
+    report = run_bench("tiny", [stages["pretrain"]], options)
+    assert list(report.profiles) == ["pretrain", "pretrain (no mask)"]
+    for table in report.profiles.values():
+        assert "aten::mm" in table and "aten::_fused_adamw_" in table and "Self CPU time total" in table
+    assert [len(row.step_seconds) for row in report.rows] == [1, 1]  # profiled steps are not timed
+    assert report.to_json()["profiles"] == report.profiles
+    with pytest.raises(Exception, match="--profile >= 0"):
+        run_bench("tiny", [stages["pretrain"]], BenchOptions(profile_steps=-1))

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Put it after the recipe (or write --compile=MODE)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                         help="override the stages' precision (default: theirs; auto = bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--profile", nargs="?", type=int, const=3, default=0, metavar="STEPS",
+                        help="after timing, run STEPS more steps (default 3) under torch.profiler and print the "
+                             "top operators by self time for each row (where the step's time goes)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
     parser.add_argument("--json-out", default=None, metavar="PATH",
                         help="also write the figures as JSON to PATH (the table is printed as usual)")
@@ -80,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     plan = plan_from_gin()
     stages = [plan.stages[sid] for sid in select_stages(plan, args.stage)]
     options = BenchOptions(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=device,
-                           compare_mask=args.compare_mask, sample_steps=args.sample_steps)
+                           compare_mask=args.compare_mask, sample_steps=args.sample_steps,
+                           profile_steps=args.profile)
     say = (lambda message: None) if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr))
     report = run_bench(str(args.recipe), stages, options, progress=say)
     if args.json_out:
@@ -153,5 +157,8 @@ def print_report(report) -> None:
                       f"{_si(report.peak_flops, 'FLOP/s')} ({report.peak_flops_source}; a large bf16 matmul "
                       f"reached {_si(report.large_matmul_flops, 'FLOP/s')} in this run; target >= "
                       f"{PEAK_TARGET:.0%} for the CelebA-HQ 256 model).[/]")
+    for label, text in report.profiles.items():
+        console.print(f"[bold]torch.profiler: {label}[/]", highlight=False)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
