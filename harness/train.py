@@ -171,7 +171,7 @@ class Trainer:
         self.step = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The stage's precision (bf16 autocast on GPU by default), for training and sampling alike."""
+        """The training step's precision (bf16 autocast on GPU by default; sampling gets it from InPrecision)."""
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 
@@ -334,7 +334,8 @@ class Trainer:
         if self.evaluate is None or not self.ctx.is_main:
             return
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
-        extra = {**self.cost.snapshot(), "sample_precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
+        precision = str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+        extra = {**self.cost.snapshot(), "sample_precision": precision}
         with self.cost.evaluating():
             self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
 
@@ -349,8 +350,8 @@ class Trainer:
 
         spec = self.spec
         with self.cost.evaluating():
-            images = sample_images(self.sampling_net, self.diffusion, SamplerConfig(kind="ddim", steps=spec.sample_steps,
-                                                                           eta=1.0),
+            sampler = SamplerConfig(kind="ddim", steps=spec.sample_steps, eta=1.0)
+            images = sample_images(self.sampling_net, self.diffusion, sampler,
                                    n=spec.num_sample_images,
                                    shape=(spec.model.in_chans, spec.model.img_size, spec.model.img_size),
                                    seed=spec.seed, batch_size=spec.num_sample_images, device=self.ctx.device)
