@@ -293,18 +293,6 @@ def profile_table(trainer, first_step: int, steps: int, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
-def step_flops(trainer) -> int:
-    """FLOPs of one step of this trainer: measured on one image of step 0's batch and scaled (exact: FLOPs are
-    linear in the batch), as the training loop itself does."""
-    from harness.cost import measure_step_flops
-
-    x0, _, _, mask = trainer.draw(0)
-    one = None if mask is None else mask[:1]
-    flops = measure_step_flops(trainer.model, trainer.diffusion, x0[:1], one)
-    trainer.model.zero_grad(set_to_none=True)
-    return flops * trainer.local_batch
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One stage
 
@@ -366,7 +354,7 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
         rows = []
         for k, (name, variant) in enumerate(variants):
             trainer, median = trainers[k], statistics.median(times[k])
-            flops = step_flops(trainer)
+            flops = trainer.step_flops()
             m = trainer.local_batch * tokens[k]
             matmul_flops = 2 * m * d * hidden / statistics.median(matmul_times[k])
             sampler, sampling = sampling_images_per_second(trainer, options) if k == 0 else (None, None)
@@ -383,7 +371,7 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 # the peak is a 16-bit tensor-core figure: a float32 step has no share of it
                 peak_fraction=None if peak_flops is None or trainer.autocast_dtype is None
                 else flops / median / peak_flops,
-                precision=str(trainer.autocast_dtype or torch.float32).removeprefix("torch."),
+                precision=trainer.precision_name,
                 compiled=variant.compile,
                 peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,
                 loader_images_per_second=loader_images_per_second(trainer), sampler=sampler,

@@ -32,6 +32,10 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes, or off
+
+
 @gin.configurable
 @dataclass
 class Stage:
@@ -96,8 +100,7 @@ class Stage:
             if value is not None and not isinstance(value, kind):
                 raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
                                    f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
-        for key, allowed in (("precision", ("auto", "fp32", "bf16", "fp16")), ("init_from", ("raw", "ema")),
-                             ("compile", ("off", "default", "reduce-overhead", "max-autotune")),
+        for key, allowed in (("precision", PRECISIONS), ("init_from", ("raw", "ema")), ("compile", COMPILE_MODES),
                              ("nan_policy", ("stop", "skip"))):
             if getattr(self, key) not in allowed:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")

@@ -100,6 +100,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device_type`; None leaves the precision as it is."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 class InPrecision(nn.Module):
     """Runs a module's forward under autocast to `dtype` (None: as it is). Sampling uses it, so that only the
     model's forward changes precision, never the sampler's arithmetic or the Inception features of FID."""
@@ -109,7 +114,7 @@ class InPrecision(nn.Module):
         self.module, self.device_type, self.dtype = module, device_type, dtype
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast_to(self.device_type, self.dtype):
             return self.module(*args, **kwargs)
 
 
@@ -141,22 +146,21 @@ class Trainer:
             report = load_weights_strictly(self.model, ctx.init_weights, ctx.init_source or "the parent stage")
             log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.net = self.model  # what the step calls: the model, wrapped for DDP and/or compiled
         self.autocast_dtype = _autocast_dtype(spec.precision, device)
-        # what evaluation and sample grids call: the EMA model in the stage's precision, maybe compiled
-        self.sampling_net: nn.Module = InPrecision(self.ema, device.type, self.autocast_dtype)
         self.ddp = ctx.world_size > 1  # (the compiled wrapper hides the DDP module's type, hence a flag)
+        # What the step calls (the model, wrapped for DDP and/or compiled) and what evaluation and sample grids
+        # call (the EMA model in the stage's precision, maybe compiled). The wrappers share the parameters of
+        # `model` and `ema`: checkpoints, EMA updates and FLOP counts keep using the plain modules.
+        self.net, ema_net = self.model, self.ema
         if self.ddp:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        if spec.compile != "off":
-            # The wrappers share the parameters of `model` and `ema`: checkpoints, EMA updates and FLOP counts
-            # keep using the plain modules. Masks hide a fixed count of patches, so shapes stay static.
+        if spec.compile != "off":  # masks hide a fixed count of patches, so shapes stay static
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
                      spec.name, spec.compile)
             self.net = torch.compile(self.net, mode=spec.compile)
-            self.sampling_net = InPrecision(torch.compile(self.ema, mode=spec.compile), device.type,
-                                            self.autocast_dtype)
+            ema_net = torch.compile(self.ema, mode=spec.compile)
+        self.sampling_net: nn.Module = InPrecision(ema_net, device.type, self.autocast_dtype)
         # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
         # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay), lr=spec.lr,
@@ -170,10 +174,18 @@ class Trainer:
                                          mask_ratio=spec.mask.actual_ratio(self.grid))
         self.step = 0
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The training step's precision (bf16 autocast on GPU by default; sampling gets it from InPrecision)."""
-        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+    @property
+    def precision_name(self) -> str:
+        """The stage's compute dtype as text: bfloat16 / float16 (autocast), or float32."""
+        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+
+    def step_flops(self) -> int:
+        """FLOPs of one step of this rank's batch (forward + backward), measured on one image of step 0's batch and
+        scaled: FLOPs are exactly linear in the batch."""
+        x0, _, _, mask = self.draw(0)
+        flops_one = measure_step_flops(self.model, self.diffusion, x0[:1], None if mask is None else mask[:1])
+        self.model.zero_grad(set_to_none=True)
+        return flops_one * self.local_batch
 
     # -- one step ---------------------------------------------------------------------------------------------
     def draw(self, step: int) -> tuple[torch.Tensor, ...]:
@@ -213,7 +225,7 @@ class Trainer:
             # DDP all-reduces the gradients of the last micro-batch only
             sync = i == n_micro - 1 or not self.ddp
             with (self.net.no_sync() if not sync else contextlib.nullcontext()):
-                with self.autocast():
+                with autocast_to(device.type, self.autocast_dtype):
                     loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
                                                   mask=None if mask is None else mask[sl])
                 self.scaler.scale(loss / n_micro).backward()
@@ -322,20 +334,15 @@ class Trainer:
         return "done"
 
     def _measure_cost_per_step(self) -> None:
-        """FLOPs of one training step, measured on one image and scaled to the global batch."""
-        x0, t, noise, mask = self.draw(0)
-        one = None if mask is None else mask[:1]
-        flops_one = measure_step_flops(self.model, self.diffusion, x0[:1], one)
-        self.model.zero_grad(set_to_none=True)
-        self.cost.flops_per_step = flops_one * self.spec.batch_size
-        self.cost.tokens_per_image = self.model.tokens_entering_blocks(one)
+        """FLOPs of one global training step (every rank's batch) and the tokens per image in the blocks."""
+        self.cost.flops_per_step = self.step_flops() * self.ctx.world_size
+        self.cost.tokens_per_image = self.model.tokens_entering_blocks(self.draw(0)[3])
 
     def _evaluate(self) -> None:
         if self.evaluate is None or not self.ctx.is_main:
             return
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
-        precision = str(self.autocast_dtype or torch.float32).removeprefix("torch.")
-        extra = {**self.cost.snapshot(), "sample_precision": precision}
+        extra = {**self.cost.snapshot(), "sample_precision": self.precision_name}
         with self.cost.evaluating():
             self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
 

@@ -99,7 +99,7 @@ def test_masked_flops_follow_the_tokens_kept(compare_report):
 
 def test_flops_ratio_scales_with_the_mask_ratio(tiny_recipe):
     """Three mask ratios: the masked FLOPs per step fall in proportion to the visible tokens."""
-    from harness.bench import bench_spec, step_flops, unmasked_twin
+    from harness.bench import bench_spec, unmasked_twin
     from harness.train import TrainContext, Trainer
 
     ratios = {}
@@ -107,7 +107,7 @@ def test_flops_ratio_scales_with_the_mask_ratio(tiny_recipe):
         spec = _stages(tiny_recipe, f"MASK_RATIO = {mask_ratio}")["pretrain"].spec
         trainers = [Trainer(TrainContext(spec=s, stage_id="x", run_dir=tiny_recipe.parent, device=torch.device("cpu")))
                     for s in (spec, unmasked_twin(spec))]
-        flops = [step_flops(t) for t in trainers]
+        flops = [t.step_flops() for t in trainers]
         tokens = [t.model.tokens_entering_blocks(t.draw(0)[3]) for t in trainers]
         ratios[mask_ratio] = (flops[0] / flops[1], tokens[0] / tokens[1])
     for flops_ratio, token_ratio in ratios.values():

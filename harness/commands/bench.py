@@ -23,6 +23,8 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from harness.experiment import COMPILE_MODES, PRECISIONS  # light: gin and the standard library
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("recipe", help="a gin recipe file, or the name of one under recipes/")
@@ -41,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ratio, the FLOPs ratio and their quotient (target <= 1.25)")
     parser.add_argument("--sample-steps", type=int, default=2,
                         help="DDIM steps timed for the sampling figure, scaled to the sampler's steps (default 2)")
-    parser.add_argument("--compile", nargs="?", const="default", default=None,
-                        choices=("off", "default", "reduce-overhead", "max-autotune"), metavar="MODE",
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        metavar="MODE",
                         help="torch.compile the model in this mode (as Stage.compile = 'MODE' would; MODE "
                              "default: 'default'; 'reduce-overhead' adds CUDA graphs); the warm-up steps compile. "
                              "Put it after the recipe (or write --compile=MODE)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="override the stages' precision (default: theirs; auto = bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--profile", nargs="?", type=int, const=3, default=0, metavar="STEPS",
                         help="after timing, run STEPS more steps (default 3) under torch.profiler and print the "
