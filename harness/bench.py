@@ -85,6 +85,7 @@ class StepBench:
     peak_fraction: float | None  # achieved / the device's peak bf16 FLOP/s (GPU, 16-bit precision only)
     precision: str  # the step's autocast dtype, or float32
     compiled: str  # Stage.compile: the torch.compile mode, or "off"
+    attention: str  # Stage.attention: the attention kernel asked for, or "auto" (torch's choice)
     peak_memory_bytes: int
     peak_memory_kind: str  # what peak_memory_bytes measures on this device
     loader_images_per_second: float
@@ -372,7 +373,7 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 peak_fraction=None if peak_flops is None or trainer.autocast_dtype is None
                 else flops / median / peak_flops,
                 precision=trainer.precision_name,
-                compiled=variant.compile,
+                compiled=variant.compile, attention=variant.attention,
                 peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,
                 loader_images_per_second=loader_images_per_second(trainer), sampler=sampler,
                 sampling_images_per_second=sampling, stage_steps=planned.spec.steps,

@@ -34,6 +34,8 @@ def check_name(name: str, what: str) -> str:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes, or off
+# Which kernel computes attention (torch's SDPA backends); "auto" lets torch choose. On CPU: auto, flash or math.
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @gin.configurable
@@ -66,6 +68,8 @@ class Stage:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: str = "off"  # torch.compile mode for training and sampling: off | default | reduce-overhead (CUDA
     # graphs: for small steps such as masked ones on a GPU) | max-autotune; the first steps compile
+    attention: str = "auto"  # attention kernel for training and sampling: auto (torch's choice) | flash | cudnn |
+    # efficient | math; the same mathematics, so it changes speed and the last bits only
     init_from: str = "raw"  # which weights of the parent stage to start from: raw | ema (MaskDM: raw)
     init_checkpoint: str | None = None  # start from an external checkpoint (e.g. converted MaskDM weights)
     nan_policy: str = "stop"  # stop | skip (skip the batch and go on)
@@ -101,7 +105,7 @@ class Stage:
                 raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
                                    f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
         for key, allowed in (("precision", PRECISIONS), ("init_from", ("raw", "ema")), ("compile", COMPILE_MODES),
-                             ("nan_policy", ("stop", "skip"))):
+                             ("attention", ATTENTION_BACKENDS), ("nan_policy", ("stop", "skip"))):
             if getattr(self, key) not in allowed:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -206,7 +210,7 @@ class Plan:
 
 # Stage fields that change how a stage runs, not what it trains: left out of its id, so that switching them on
 # for a half-done stage resumes it (stage.json still records them).
-RUN_OPTIONS = ("compile",)
+RUN_OPTIONS = ("compile", "attention")
 
 
 def stage_id(description: dict[str, Any], parent: str | None) -> str:

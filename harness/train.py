@@ -105,6 +105,45 @@ def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstr
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def attention_kernel(backend: str) -> contextlib.AbstractContextManager:
+    """Restrict scaled_dot_product_attention to one of torch's kernels (Stage.attention); 'auto': torch chooses.
+    The forward's choice decides the backward's kernel too."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]])
+
+
+def check_attention_kernel(backend: str, device: torch.device, dtype: torch.dtype | None, head_dim: int) -> None:
+    """Fail early, in one line, when the chosen attention kernel cannot run here (e.g. cuDNN on a CPU, or flash
+    attention in float32 on a GPU), instead of at the first step."""
+    if backend == "auto":
+        return
+    q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype or torch.float32)
+    try:
+        with attention_kernel(backend):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        raise HarnessError(f"Stage.attention = '{backend}' cannot run on {device.type} in "
+                           f"{str(dtype or torch.float32).removeprefix('torch.')} with {head_dim}-wide heads "
+                           f"({str(e).splitlines()[0][:120]}); use 'auto'") from None
+
+
+class WithAttentionKernel(nn.Module):
+    """Runs a module with one attention kernel (Stage.attention). A module rather than a context around the call:
+    torch.compile sees the choice only when it is made inside the compiled code."""
+
+    def __init__(self, module: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.module, self.backend = module, backend
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with attention_kernel(self.backend):
+            return self.module(*args, **kwargs)
+
+
 class InPrecision(nn.Module):
     """Runs a module's forward under autocast to `dtype` (None: as it is). Sampling uses it, so that only the
     model's forward changes precision, never the sampler's arithmetic or the Inception features of FID."""
@@ -147,11 +186,15 @@ class Trainer:
             log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.autocast_dtype = _autocast_dtype(spec.precision, device)
+        check_attention_kernel(spec.attention, device, self.autocast_dtype,
+                               spec.model.embed_dim // spec.model.num_heads)
         self.ddp = ctx.world_size > 1  # (the compiled wrapper hides the DDP module's type, hence a flag)
         # What the step calls (the model, wrapped for DDP and/or compiled) and what evaluation and sample grids
         # call (the EMA model in the stage's precision, maybe compiled). The wrappers share the parameters of
         # `model` and `ema`: checkpoints, EMA updates and FLOP counts keep using the plain modules.
         self.net, ema_net = self.model, self.ema
+        if spec.attention != "auto":
+            self.net, ema_net = (WithAttentionKernel(m, spec.attention) for m in (self.net, ema_net))
         if self.ddp:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)

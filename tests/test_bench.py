@@ -15,6 +15,7 @@ import torch
 from harness.bench import BenchOptions, run_bench
 from harness.cli import main as cli_main
 from harness.config import load_recipe
+from harness.errors import HarnessError
 from harness.experiment import plan_from_gin
 
 ROW_FIELDS = {
@@ -206,7 +207,9 @@ def test_train_step_equals_clip_grad_norm_and_adamw(tiny_recipe, grad_clip):
 
 def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, tmp_path):
     """Stage.compile = 'default': the same loss and update as the eager step (to float tolerance: inductor fuses
-    and reorders), compiled sampling gives the eager samples, and `--compile --json-out` records the mode."""
+    and reorders), compiled sampling gives the eager samples, and `--compile --json-out` records the mode. The
+    compiled trainer also asks for Stage.attention = 'math' (the eager one runs CPU's flash kernel): the choice
+    must reach the compiled code, where a context around the call would not."""
     import os
     import shutil
 
@@ -218,14 +221,17 @@ def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, t
             pytest.fail("no C++ compiler: torch.compile cannot build CPU kernels (scripts/test.sh installs g++)")
         pytest.skip("no C++ compiler for torch.compile's CPU kernels (install g++)")
     trainers = []
-    for mode in ("off", "default"):
-        spec = _stages(tiny_recipe, f"Stage.compile = '{mode}'")["pretrain"].spec
+    for mode, attention in (("off", "auto"), ("default", "math")):
+        spec = _stages(tiny_recipe, f"Stage.compile = '{mode}'", f"Stage.attention = '{attention}'")["pretrain"].spec
         trainers.append(Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu"))))
     eager, compiled = trainers
     assert compiled.net is not compiled.model and eager.net is eager.model
     for step in range(2):
         losses = [t.train_step(step)[0] for t in trainers]
         assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    compiled_ops = _sdpa_ops(lambda: compiled.train_step(2))
+    assert "aten::bmm" in compiled_ops and not any("flash" in op for op in compiled_ops), compiled_ops
+    eager.train_step(2)
     for p, q in zip(eager.model.parameters(), compiled.model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
     sampler, shape = SamplerConfig("ddim", 2, eta=1.0), (3, 32, 32)
@@ -236,10 +242,10 @@ def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, t
     out = tmp_path / "bench.json"
     with contextlib.redirect_stdout(io.StringIO()) as table:
         assert cli_main(["bench", str(tiny_recipe), "--stage", "finetune", "--steps", "1", "--warmup", "1",
-                         "--sample-steps", "1", "--compile", "--json-out", str(out)]) == 0
+                         "--sample-steps", "1", "--compile", "--attention", "math", "--json-out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["compiled"] == "default" and row["stage"] == "finetune"
-    assert "compiled (default)" in table.getvalue()
+    assert row["compiled"] == "default" and row["attention"] == "math" and row["stage"] == "finetune"
+    assert "compiled" in table.getvalue() and "attention" in table.getvalue()  # (the cell may wrap)
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -267,6 +273,51 @@ def test_sampling_net_runs_the_ema_model_in_the_stage_precision(tiny_recipe, tmp
         half = InPrecision(trainer.ema, "cpu", torch.bfloat16)(x, t)
     assert half.dtype == torch.bfloat16 and plain.dtype == torch.float32
     assert torch.allclose(half.float(), plain, atol=0.1) and not torch.equal(half.float(), plain)
+
+
+def _sdpa_ops(fn) -> set[str]:
+    """The attention operators `fn` runs: torch's SDPA ops, and batched matmuls (the model has none elsewhere;
+    compiled plain attention shows as those)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or e.key == "aten::bmm"}
+
+
+def test_stage_attention_picks_the_kernel_for_training_and_sampling(tiny_recipe, tmp_path):
+    """Stage.attention = 'math' runs torch's plain attention in the step and in sampling (CPU's default is its
+    flash kernel); the results agree to float32 round-off."""
+    from harness.train import TrainContext, Trainer
+
+    def trainer(*bindings):
+        spec = _stages(tiny_recipe, *bindings)["finetune"].spec
+        return Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
+
+    auto, plain = trainer(), trainer("Stage.attention = 'math'")
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert _sdpa_ops(lambda: auto.sampling_net(x, t)) == {"aten::scaled_dot_product_attention",
+                                                              "aten::_scaled_dot_product_flash_attention_for_cpu"}
+        assert _sdpa_ops(lambda: plain.sampling_net(x, t)) == {"aten::scaled_dot_product_attention",
+                                                               "aten::_scaled_dot_product_attention_math", "aten::bmm"}
+        assert torch.allclose(auto.sampling_net(x, t), plain.sampling_net(x, t), atol=1e-5)
+    losses = []
+    step_ops = _sdpa_ops(lambda: losses.append(plain.train_step(0)[0]))
+    assert "aten::_scaled_dot_product_attention_math" in step_ops
+    assert not any("flash" in op for op in step_ops)
+    loss_auto, _ = auto.train_step(0)
+    (loss_plain,) = losses
+    assert loss_auto == pytest.approx(loss_plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "efficient"])
+def test_attention_kernel_that_cannot_run_here_is_refused_in_one_line(tiny_recipe, tmp_path, backend):
+    from harness.train import TrainContext, Trainer
+
+    spec = _stages(tiny_recipe, f"Stage.attention = '{backend}'")["finetune"].spec
+    with pytest.raises(HarnessError, match=f"Stage.attention = '{backend}' cannot run on cpu in float32.*use 'auto'"):
+        Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
 
 
 def test_evaluation_and_sample_grids_sample_with_the_sampling_net(tiny_recipe, tmp_path, monkeypatch):

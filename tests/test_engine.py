@@ -39,7 +39,8 @@ def test_stage_ids_do_not_move_between_versions_nor_with_run_options(tiny_recipe
     such as torch.compile) would silently retrain finished stages. These ids were computed by the first
     release; a deliberate change to what a stage means must update them and say so."""
     first_release = {"scratch": "61de2ea8e7a9179a", "pretrain": "4b9f2af2e57f1518", "finetune": "604d7e2876b5eae0"}
-    for bindings in ([], ["Stage.compile = 'default'"], ["pretrain/Stage.compile = 'reduce-overhead'"]):
+    for bindings in ([], ["Stage.compile = 'default'"], ["pretrain/Stage.compile = 'reduce-overhead'"],
+                     ["Stage.attention = 'math'"]):
         _, plan = _plan(tiny_recipe, *bindings)
         assert {ps.name: sid for sid, ps in plan.stages.items()} == first_release
     _, plan = _plan(tiny_recipe, "Stage.compile = 'default'")

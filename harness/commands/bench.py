@@ -23,7 +23,8 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from harness.experiment import COMPILE_MODES, PRECISIONS  # light: gin and the standard library
+    from harness.experiment import (ATTENTION_BACKENDS, COMPILE_MODES,  # light: gin and the standard library
+                                    PRECISIONS)
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Put it after the recipe (or write --compile=MODE)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="override the stages' precision (default: theirs; auto = bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                        help="attention kernel (as Stage.attention would; default: the stages' own, 'auto' = "
+                             "torch's choice); on CPU only auto, flash and math run")
     parser.add_argument("--profile", nargs="?", type=int, const=3, default=0, metavar="STEPS",
                         help="after timing, run STEPS more steps (default 3) under torch.profiler and print the "
                              "top operators by self time for each row (where the step's time goes)")
@@ -79,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
     bindings = list(args.gin)
     if args.compile is not None:
         bindings.append(f"Stage.compile = '{args.compile}'")
+    if args.attention is not None:
+        bindings.append(f"Stage.attention = '{args.attention}'")
     if args.precision is not None:
         bindings.append(f"Stage.precision = '{args.precision}'")
     load_recipe(args.recipe, bindings)
@@ -134,7 +140,8 @@ def print_report(report) -> None:
             f"{r.sampling_images_per_second:.3g} ({r.sampler})"
         cells = [f"{r.stage}" + (f" [dim]({r.variant})[/]" if r.variant != "stage" else ""),
                  f"{r.mask} ({r.mask_ratio:.1%})", str(r.batch_size), str(r.tokens_per_image),
-                 r.precision + ("" if r.compiled == "off" else f" compiled ({r.compiled})"),
+                 r.precision + ("" if r.compiled == "off" else f" compiled ({r.compiled})")
+                 + ("" if r.attention == "auto" else f", {r.attention} attention"),
                  f"{r.median_step_seconds:.3f}", f"{r.images_per_second:.3g}", _si(r.tokens_per_second),
                  _si(r.flops_per_step), _si(r.achieved_flops_per_second),
                  _si(r.matmul_flops_per_second), f"{r.matmul_fraction:.0%}"]
