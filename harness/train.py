@@ -249,10 +249,14 @@ class Trainer:
         return x0, t[lo:hi], noise[lo:hi], None if mask is None else mask[lo:hi]
 
     def train_step(self, step: int, grad_norm_wanted: bool = True) -> tuple[float, float]:
-        """Forward, backward and update for one global batch; returns (loss, grad norm).
+        """Forward, backward and update for one global batch; returns (the batch's loss, grad norm).
 
-        The gradient norm costs a pass over every gradient: without clipping it is computed only when wanted
-        (the loop asks at its log steps), and the grad norm returned otherwise is NaN.
+        The gradient norm costs a pass over every gradient, so it is computed only when clipping, when wanted
+        (the loop asks at its log steps) or under nan_policy 'skip' (a non-finite gradient can come with a
+        finite loss, and skipping must catch it); otherwise the grad norm returned is NaN. Under 'stop' without
+        it, such a gradient spoils the weights, the next loss is non-finite and the stage stops; `save` never
+        checkpoints non-finite weights. With fp16, an overflow is the scaler's to handle: it skips the update and
+        lowers its scale.
         """
         spec, device = self.spec, self.ctx.device
         for group in self.optimizer.param_groups:
@@ -273,30 +277,37 @@ class Trainer:
                                                   mask=None if mask is None else mask[sl])
                 self.scaler.scale(loss / n_micro).backward()
             total += loss.detach() / n_micro
+        if self.ddp:  # the whole batch's loss: every rank then takes the same decision below (and logs it)
+            dist.all_reduce(total)
+            total /= self.ctx.world_size
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if spec.grad_clip > 0 or grad_norm_wanted:
+        with_norm = spec.grad_clip > 0 or grad_norm_wanted or spec.nan_policy == "skip"
+        if with_norm:  # (gradients are all-reduced, so the norm is the same on every rank)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one sync
-        else:  # a non-finite gradient shows in the loss too (and fp16's scaler skips such steps itself)
+            loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # one sync for both
+        else:
             loss_value, norm_value = total.item(), 0.0
-        if not math.isfinite(loss_value) or not math.isfinite(norm_value):
+        overflow = self.scaler.is_enabled() and not math.isfinite(norm_value)
+        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not overflow):
             self.optimizer.zero_grad(set_to_none=True)
+            what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
+                    else f"the gradients became non-finite (loss {loss_value:.4g})")
             if spec.nan_policy == "stop":
-                raise NonFiniteLoss(f"stage '{spec.name}': the loss became {loss_value} at step {step}; the "
-                                    "last good checkpoint is kept (lower the lr, or set Stage.nan_policy = 'skip')")
-            log.warning("non-finite loss %s at step %d: batch skipped", loss_value, step)
+                raise NonFiniteLoss(f"stage '{spec.name}': {what} at step {step}; the last good checkpoint is "
+                                    "kept (lower the lr, or set Stage.nan_policy = 'skip')")
+            log.warning("%s at step %d: batch skipped", what, step)
             self.scaler.update()
             return loss_value, float("nan")
-        if 0 < spec.grad_clip < norm_value:  # rescaling costs a pass over every gradient: only when it clips
+        if not overflow and 0 < spec.grad_clip < norm_value:  # rescaling is another pass: only when it clips
             torch.nn.utils.clip_grads_with_norm_(params, spec.grad_clip, grad_norm)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # (skips the update after an fp16 overflow)
         self.scaler.update()
         decay = spec.ema_decay
         if spec.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
         update_ema(self.ema, self.model, decay)
-        return loss_value, norm_value if (spec.grad_clip > 0 or grad_norm_wanted) else float("nan")
+        return loss_value, norm_value if with_norm else float("nan")
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -305,6 +316,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "cost": self.cost.state_dict()}
 
     def save(self) -> None:
+        # A non-finite gradient that came with a finite loss (unchecked under nan_policy 'stop', see train_step)
+        # spoils the weights: never checkpoint those, so that the last checkpoint stays a good one.
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            raise NonFiniteLoss(f"stage '{self.spec.name}': the weights became non-finite by step {self.step} "
+                                "(a non-finite gradient); not checkpointed, the last good checkpoint is kept (lower "
+                                "the lr, or set Stage.nan_policy = 'skip', which checks every step's gradients)")
         if self.ctx.is_main:
             save_checkpoint(self.ctx.run_dir / "checkpoints", self.step, self.state_dict(),
                             keep=self.spec.keep_checkpoints)

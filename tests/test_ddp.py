@@ -98,3 +98,11 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
                                                    f"scratch-{sid[:8]}" / "checkpoints"))
     assert ckpt["step"] == STEPS
     assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)
+    # The logged loss is the whole global batch's (all-reduced; each rank decides on it, e.g. for NaN).
+    from harness.fileio import read_jsonl
+
+    def losses(root: Path) -> list[float]:
+        return [row["loss"] for row in read_jsonl(next(root.rglob("metrics.jsonl")))]
+
+    assert losses(tmp_path / "ddp") and losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"),
+                                                                                  rel=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -451,3 +452,88 @@ def test_nan_policy_skip_skips_the_batch_and_goes_on(reference, tmp_path, nan_lo
     rows = {r["step"]: r for r in read_jsonl(plan.stage_dir(results, sid) / "metrics.jsonl")}
     assert sorted(rows) == list(range(1, STEPS + 1))
     assert rows[4]["loss"] != rows[4]["loss"] and rows[5]["loss"] == rows[5]["loss"]  # NaN, then finite
+
+
+@pytest.fixture
+def nan_gradient_at(monkeypatch):
+    """Make the gradients NaN for the batch of one chosen step while its loss stays finite: the loss gains
+    0 * sqrt(|p - p|^2) for the first parameter, whose value is 0 but whose gradient is inf * 0 = NaN."""
+    from harness.diffusion import GaussianDiffusion
+    from harness.train import Trainer
+
+    current = {"step": -1}
+    real_draw, real_loss = Trainer.draw, GaussianDiffusion.loss_at
+
+    def draw(self, step):
+        current["step"] = step
+        return real_draw(self, step)
+
+    def install(bad_step: int) -> None:
+        def loss_at(self, model, *args, **kwargs):
+            loss = real_loss(self, model, *args, **kwargs)
+            if current["step"] != bad_step:
+                return loss
+            p = next(model.parameters())
+            return loss + torch.sqrt((p - p.detach()).pow(2).sum())
+
+        monkeypatch.setattr(Trainer, "draw", draw)
+        monkeypatch.setattr(GaussianDiffusion, "loss_at", loss_at)
+
+    return install
+
+
+# no clipping and no log step in reach: nothing else computes the gradient norm
+QUIET = "\nStage.grad_clip = 0\nStage.log_every = 1000\nStage.keep_checkpoints = 10\n"
+
+
+def test_nan_gradient_with_a_finite_loss_is_skipped_under_nan_policy_skip(reference, tmp_path, nan_gradient_at):
+    nan_gradient_at(3)
+    text = reference.gin_text + QUIET + "Stage.nan_policy = 'skip'\n"
+    plan = plan_from_gin(text)
+    sid = plan.arms["scratch"][0]
+    results = tmp_path / "results"
+    assert run_stage(text, sid, results)["status"] == "done"
+    folder = plan.stage_dir(results, sid) / "checkpoints"
+    before, after = (load_checkpoint(checkpoint_path(folder, s)) for s in (3, 4))
+    for key in ("model", "ema"):  # the batch with NaN gradients changed nothing
+        assert all(torch.equal(after[key][n], t) for n, t in before[key].items()), key
+    final = load_checkpoint(checkpoint_path(folder, STEPS))
+    assert all(torch.isfinite(t).all() for t in final["model"].values())
+
+
+def test_nan_gradient_under_nan_policy_stop_is_never_checkpointed(reference, tmp_path, nan_gradient_at):
+    nan_gradient_at(3)
+    text = reference.gin_text + QUIET
+    plan = plan_from_gin(text)
+    sid = plan.arms["scratch"][0]
+    results = tmp_path / "results"
+    from harness.train import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="weights became non-finite by step 4"):
+        run_stage(text, sid, results)
+    stage_dir = plan.stage_dir(results, sid)
+    assert "weights became non-finite by step 4" in (stage_dir / "FAILED").read_text()
+    newest = newest_valid_checkpoint(stage_dir / "checkpoints")
+    assert newest == checkpoint_path(stage_dir / "checkpoints", 3)
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(newest)["model"].values())
+
+
+def test_fp16_overflow_is_left_to_the_grad_scaler_not_stopped(reference, tmp_path, nan_gradient_at):
+    """With fp16 the scaler owns non-finite gradients: it skips that update and halves its scale; the stage
+    goes on (with clipping on, the norm is computed and non-finite, which must not stop the stage)."""
+    from harness.train import TrainContext, Trainer
+
+    nan_gradient_at(1)
+    spec = plan_from_gin(reference.gin_text + "\nStage.precision = 'fp16'\nStage.grad_clip = 1.0\n")
+    spec = next(iter(spec.stages.values())).spec
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
+    trainer.train_step(0)
+    weights = {n: t.clone() for n, t in trainer.model.state_dict().items()}
+    scale = trainer.scaler.get_scale()
+    loss, norm = trainer.train_step(1)
+    assert math.isfinite(loss) and not math.isfinite(norm)
+    assert all(torch.equal(trainer.model.state_dict()[n], t) for n, t in weights.items())
+    assert trainer.scaler.get_scale() == scale / 2
+    loss, norm = trainer.train_step(2)
+    assert math.isfinite(loss) and math.isfinite(norm)
+    assert any(not torch.equal(trainer.model.state_dict()[n], t) for n, t in weights.items())
