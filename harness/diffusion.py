@@ -60,6 +60,9 @@ class DiffusionConfig:
                 raise HarnessError(f"DiffusionConfig.{field}={value!r} is not one of {list(allowed)}")
         if not isinstance(self.timesteps, int) or self.timesteps < 2:
             raise HarnessError(f"DiffusionConfig.timesteps must be an integer >= 2, got {self.timesteps!r}")
+        if self.schedule == "linear" and linear_betas(self.timesteps).max() >= 1:  # its betas grow as 1000/T
+            raise HarnessError(f"DiffusionConfig.timesteps={self.timesteps} is too few for the linear schedule "
+                               "(its betas reach 1 at 20 steps or fewer); use more steps or schedule='cosine'")
 
     def build(self, device=None) -> "GaussianDiffusion":
         return GaussianDiffusion(self, device=device)

@@ -118,6 +118,15 @@ class Stage:
             raise HarnessError(f"stage '{self.name}': micro_batch_size {self.micro_batch_size} must divide "
                                f"batch_size {self.batch_size}")
         self.mask.validate(self.model.grid)
+        # Samplers meet the schedule only at the first sample grid or evaluation, maybe hours in: check now.
+        if self.sample_steps > self.diffusion.timesteps:
+            raise HarnessError(f"stage '{self.name}': sample_steps = {self.sample_steps} is more than the "
+                               f"diffusion's {self.diffusion.timesteps} timesteps; lower it")
+        if self.eval is not None:
+            try:
+                self.eval.sampler.time_pairs(self.diffusion.timesteps)
+            except HarnessError as err:
+                raise HarnessError(f"stage '{self.name}', EvalConfig.sampler: {err}") from None
 
     def describe(self) -> dict[str, Any]:
         """The stage as plain data: what its id hashes and what stage.json records."""

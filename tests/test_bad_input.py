@@ -90,6 +90,24 @@ def test_mask_parameters_out_of_range(micro, tmp_path, capsys, bindings, shown):
 
 
 @pytest.mark.parametrize("bindings, shown", [
+    (["DiffusionConfig.timesteps = 40", "Stage.sample_steps = 50"], "sample_steps = 50 is more than the "
+                                                                    "diffusion's 40 timesteps"),
+    (["DiffusionConfig.timesteps = 100", "scratch/Stage.eval = @EvalConfig()"],
+     "EvalConfig.sampler: SamplerConfig.steps=250 exceeds the diffusion's 100 time steps"),
+    (["DiffusionConfig.schedule = 'linear'", "DiffusionConfig.timesteps = 20"], "too few for the linear schedule"),
+])
+def test_samplers_and_schedules_that_cannot_meet_are_refused_before_training(micro, tmp_path, capsys, bindings,
+                                                                             shown):
+    """Found at planning time, not at the first sample grid hours into the stage."""
+    results = tmp_path / "results"
+    argv = ["run", str(micro), "--dry-run", "--results-dir", str(results)]
+    for binding in bindings:
+        argv += ["--gin", binding]
+    fails_cleanly(argv, capsys, shown)
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("bindings, shown", [
     (["EvalConfig.num_samples = 1"], "only 1 generated image(s)"),
     (["EvalConfig.num_samples = 10"], "KID subset size 1000 exceeds the 10 generated images"),
     (["EvalConfig.num_samples = 3", "EvalConfig.metrics = ('prc',)"], "precision/recall need more than 3"),
