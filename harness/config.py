@@ -81,6 +81,8 @@ def _explain_gin_error(err: Exception, source: str) -> HarnessError:
     message = " ".join(lines[:2]) if lines else type(err).__name__
     if isinstance(err, SyntaxError) and getattr(err, "filename", None) and str(err.filename) not in message:
         message = f"{err.filename}:{err.lineno}: {message}"
+    elif isinstance(err, tokenize.TokenError) and len(err.args) == 2:  # ('EOF in multi-line statement', (3, 0))
+        message = f"line {err.args[1][0]}: {err.args[0]}"
     hint = ""
     if "No configurable matching" in message:
         hint = " Check the spelling of the component's name."
@@ -112,7 +114,31 @@ def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
         source = str(path) if not bindings else f"{path} + --gin overrides"
         raise _explain_gin_error(err, source) from err
     text = gin.config_str()
+    check_overrides(bindings or [], text)
     return text
+
+
+def check_overrides(bindings: list[str], text: str) -> None:
+    """A misspelt `--gin` override is valid gin that changes nothing, and a run would train the recipe as it is.
+    Refuse a macro that the recipe never uses (`%NAME`) and a scope that no component runs in (`@scope/...`)."""
+    used_macros = set(re.findall(r"%([A-Za-z_]\w*)", text))
+    used_scopes = {part for ref in re.findall(r"@([\w./]+)/", text) for part in ref.split("/")}
+    for binding in bindings:
+        for line in binding.splitlines():
+            key = line.split("=", 1)[0].strip() if "=" in line and not line[:1].isspace() else ""
+            if not key or key.startswith("#"):
+                continue
+            if "." not in key and "/" not in key:
+                if key not in used_macros:
+                    raise HarnessError(f"--gin {line.strip()!r}: the recipe never uses macro %{key}, so this "
+                                       f"changes nothing; check the name (macros it uses: "
+                                       f"{', '.join(sorted(used_macros)) or 'none'})")
+                continue
+            for scope in key.rpartition("/")[0].split("/") if "/" in key else []:
+                if scope not in used_scopes:
+                    raise HarnessError(f"--gin {line.strip()!r}: no component runs in scope '{scope}', so this "
+                                       f"changes nothing; check the name (scopes: "
+                                       f"{', '.join(sorted(used_scopes)) or 'none'})")
 
 
 # Annotation of a plain spec field -> the Python types a binding may give it (an int is a fine float).

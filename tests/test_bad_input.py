@@ -186,3 +186,27 @@ def test_finetuning_a_parent_of_another_architecture(micro, tmp_path, capsys):
     finetune = [p for p in (results / "tiny" / "two_stage").iterdir() if p.name.startswith("finetune-")]
     assert len(finetune) == 1 and not list(finetune[0].rglob("*.pt"))
     assert "shape mismatch" in (finetune[0] / "FAILED").read_text()
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+@pytest.mark.parametrize("binding, shown", [
+    ("MASK_RATO = 0.5", "never uses macro %MASK_RATO, so this changes nothing"),
+    ("pretrian/Stage.steps = 100", "no component runs in scope 'pretrian'"),
+    ("pretrain/finetun/Stage.lr = 1.0", "no component runs in scope 'finetun'"),
+])
+def test_misspelt_gin_override_is_refused_not_ignored(micro, tmp_path, capsys, command, binding, shown):
+    """Valid gin that names nothing the recipe uses would leave the recipe as it is, silently."""
+    argv = [command, str(micro), "--gin", binding] + (["--dry-run"] if command == "run" else ["--steps", "1"])
+    fails_cleanly(argv, capsys, shown, "check the name")
+
+
+def test_well_spelt_overrides_still_pass(micro, tmp_path):
+    results = tmp_path / "results"
+    assert cli_main(["run", str(micro), "--dry-run", "--results-dir", str(results), "--gin", "MASK_RATIO = 0.5",
+                     "--gin", "pretrain/Stage.steps = 7", "--gin", "Stage.compile = 'default'"]) == 0
+
+
+def test_unfinished_gin_statement_names_its_line(tmp_path, capsys):
+    recipe = tmp_path / "cut.gin"
+    recipe.write_text("Experiment.name = 'x'\nStage.steps = (\n")
+    fails_cleanly(["run", str(recipe), "--dry-run"], capsys, f"{recipe}", "line 3: EOF in multi-line statement")
