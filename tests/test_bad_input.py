@@ -210,3 +210,19 @@ def test_unfinished_gin_statement_names_its_line(tmp_path, capsys):
     recipe = tmp_path / "cut.gin"
     recipe.write_text("Experiment.name = 'x'\nStage.steps = (\n")
     fails_cleanly(["run", str(recipe), "--dry-run"], capsys, f"{recipe}", "line 3: EOF in multi-line statement")
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_missing_data_of_a_later_stage_fails_before_anything_trains(micro, tmp_path, capsys, command):
+    """The scratch arm's data is there, the pretraining stage's folder is not: nothing may train first."""
+    results = tmp_path / "results"
+    missing = tmp_path / "no_such_folder"
+    argv = [command, str(micro), "--results-dir", str(results), "--gin", "pretrain/DataConfig.source = 'folder'",
+            "--gin", f"pretrain/DataConfig.root = '{missing}'"]
+    if command == "sweep":
+        argv += ["--grid", "MASK_RATIO=[0.5,0.9]"]
+    fails_cleanly(argv, capsys, f"data folder {missing} does not exist", "harness prepare")
+    assert not results.exists()
+    # a dry run still shows the plan, and says what is missing
+    assert cli_main(argv + ["--dry-run"]) == 0
+    assert f"note: data folder {missing} does not exist" in capsys.readouterr().err

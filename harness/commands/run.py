@@ -42,6 +42,24 @@ def select_stages(plan, wanted: list[str]) -> list[str]:
     return [sid for sid in plan.stages if sid in chosen]  # keep dependency order
 
 
+def missing_data(plan, stage_ids: list[str], results_dir: Path) -> list[str]:
+    """What keeps the selected unfinished stages from reading their data, one line per problem (several stages
+    usually share one folder). Checked before anything trains: otherwise a later stage would find its folder
+    missing only after the earlier ones had trained, or on a SLURM node."""
+    from harness.errors import HarnessError
+
+    problems: list[str] = []
+    for sid in stage_ids:
+        if plan.is_done(results_dir, sid):
+            continue
+        try:
+            plan.stages[sid].spec.data.check()
+        except HarnessError as err:
+            if str(err) not in problems:
+                problems.append(str(err))
+    return problems
+
+
 def print_plan(plan, results_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -67,6 +85,7 @@ def print_plan(plan, results_dir: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from harness.config import load_recipe
+    from harness.errors import HarnessError
     from harness.experiment import plan_from_gin
     from harness.launch import launch_plan, launcher_from_name, raise_for_failures
 
@@ -75,9 +94,14 @@ def main(args: argparse.Namespace) -> int:
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
     launcher = launcher_from_name(args.launcher)  # fails early on an unknown launcher or a missing SLURM
+    problems = missing_data(plan, stage_ids, results_dir)
     if args.dry_run:
         print_plan(plan, results_dir)
+        for problem in problems:  # a plan can be previewed without the data; a run cannot start
+            print(f"note: {problem}", file=sys.stderr)
         return 0
+    if problems:
+        raise HarnessError(" | ".join(problems))
     plan.write(results_dir)
     results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
     if args.no_wait:

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from harness.commands.run import missing_data
+    from harness.errors import HarnessError
     from harness.launch import Variant, launch_variants, raise_for_failures
     from harness.launch.jobs import build_jobs
     from harness.sweep import build_sweep, parse_grid
@@ -36,9 +38,16 @@ def main(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir)
     variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
     jobs = build_jobs(variants, results_dir)
+    problems: list[str] = []
+    for v in sweep:
+        problems += [p for p in missing_data(v.plan, list(v.plan.stages), results_dir) if p not in problems]
     if args.dry_run:
         print_dry_run(sweep, jobs, launcher.name)
+        for problem in problems:
+            print(f"note: {problem}", file=sys.stderr)
         return 0
+    if problems:
+        raise HarnessError(" | ".join(problems))
     record = results_dir / f"{sweep[0].base}.sweep.json"
     _write_record(record, args, sweep)
     results = launch_variants(variants, results_dir, launcher, wait=not args.no_wait, arrays=True)
