@@ -24,19 +24,23 @@ Network tensors, reference (under `model.` or `ema_model.model.`) -> harness Mas
 | encoder.out_blocks.i.skip_linear.{weight,bias}           | out_blocks.i.skip_linear.{weight,bias}            |
 | encoder.norm.{weight,bias}                               | norm.{weight,bias}                                |
 | encoder_to_output.{weight,bias} (decoder_depth = 0)      | decoder_pred.{weight,bias}                        |
+| encoder_to_decoder.weight, decoder_pos_embed,            | the same names (decoder_depth > 0; the position   |
+| decoder.blocks.i.*, decoder.norm.*, decoder.head.*       | embedding is a buffer: the reference detaches it) |
 
-where B is in_blocks.i, mid_block or out_blocks.i. Both models compute [class, time, patches] + pos_embed,
-pre-LN blocks with long skips, a final LayerNorm and a linear head per patch, unpatchified as (p1, p2, C).
+where B is in_blocks.i, mid_block or out_blocks.i (and decoder.blocks.i for the q/v biases). Both models compute
+[class, time, patches] + pos_embed, pre-LN blocks with long skips, a final LayerNorm, then a linear head per
+patch or the ViT decoder, unpatchified as (p1, p2, C).
 
 What does not carry over, and how it is handled:
-- The reference's optional ViT decoder (decoder_depth > 0: encoder_to_decoder, decoder_pos_embed, decoder.*),
-  its final 3x3 conv (use_final_conv: final_layer.*) and its DWT model (MaskedDWTUViT) have no counterpart in
-  MaskedUViT: import refuses them (HarnessError naming them), since dropping them would change the outputs.
+- The reference's final 3x3 conv (use_final_conv: final_layer.*) and its DWT model (MaskedDWTUViT) have no
+  counterpart in MaskedUViT: import refuses them (HarnessError naming them), since dropping them would change
+  the outputs.
 - The reference attention has query and value biases but no key bias; ours has one fused bias. A key bias
   cannot change the output (it adds q.b_k to every logit of a softmax row), so import writes zeros there and
   export drops it (logging a warning when it is not zero, as after training with qkv_bias=True here).
 - The number of heads is not stored in the tensors: `num_heads` defaults to width // 64 (768 -> 12, 512 -> 8,
-  as in MaskDM's configs); pass it when the model was trained otherwise. The reference's `qk_scale` option is
+  as in MaskDM's configs), and so does `decoder_heads` (192 -> 3, the reference's default); pass them when the
+  model was trained otherwise. The reference's `qk_scale` option is
   not stored either; it is assumed unset (1/sqrt(head_dim), as PyTorch's SDPA).
 - Depth: the reference builds depth // 2 in-blocks, a mid block and depth // 2 out-blocks, so its configs'
   encoder_depth 12 and 13 are the same network; import reports depth = 2 * in_blocks + 1 (13).
@@ -78,14 +82,12 @@ EMA_COUNTERS = ("initted", "step")
 
 # Reference parts the harness model cannot represent: prefix -> what it is.
 _UNSUPPORTED = {
-    "encoder_to_decoder.": "the ViT decoder (decoder_depth > 0)",
-    "decoder_pos_embed": "the ViT decoder (decoder_depth > 0)",
-    "decoder.": "the ViT decoder (decoder_depth > 0)",
     "final_layer.": "the final 3x3 conv (use_final_conv = True)",
     "encoder.approx_patch_embed.": "the DWT model (MaskedDWTUViT)",
     "approx_to_output.": "the DWT model (MaskedDWTUViT)",
 }
-_QV_BIAS = re.compile(r"^encoder\.(.+)\.attn\.(q|v)_bias$")
+_QV_BIAS = re.compile(r"^(.+)\.attn\.(q|v)_bias$")  # a reference block's query and value biases
+_DECODER = ("encoder_to_decoder.", "decoder.", "decoder_pos_embed")  # named alike in both layouts
 
 
 @dataclasses.dataclass
@@ -101,7 +103,8 @@ class MaskDMImport:
 
     def bindings(self) -> list[str]:
         """gin lines that build the same network (and schedule) in a recipe."""
-        lines = [f"UViTConfig.{k} = {v!r}" for k, v in dataclasses.asdict(self.config).items()]
+        lines = [f"UViTConfig.{f.name} = {getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config)
+                 if not (f.metadata.get("added_later") and getattr(self.config, f.name) == f.default)]
         if self.schedule:
             lines += [f"DiffusionConfig.schedule = {self.schedule!r}", f"DiffusionConfig.timesteps = {self.timesteps}"]
         return lines
@@ -116,6 +119,8 @@ def reference_name(ours: str) -> str:
         return "encoder.encoder_pos_embed"
     if ours.startswith("decoder_pred."):
         return "encoder_to_output." + ours[len("decoder_pred."):]
+    if ours.startswith(_DECODER):
+        return ours
     return "encoder." + ours
 
 
@@ -125,6 +130,8 @@ def harness_name(ref: str) -> str | None:
         return "pos_embed"
     if ref.startswith("encoder_to_output."):
         return "decoder_pred." + ref[len("encoder_to_output."):]
+    if ref.startswith(_DECODER):
+        return ref
     if ref.startswith("encoder."):
         name = ref[len("encoder."):]
         return name if reference_name(name) == ref else None  # one-to-one: not encoder.pos_embed & co.
@@ -149,15 +156,16 @@ def default_heads(width: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Reference network <-> harness state dict
 
-def infer_config(net: Mapping[str, torch.Tensor], num_heads: int | None = None) -> UViTConfig:
+def infer_config(net: Mapping[str, torch.Tensor], num_heads: int | None = None,
+                 decoder_heads: int | None = None) -> UViTConfig:
     """The UViTConfig of a reference network state dict (names without the `model.` prefix)."""
     for prefix, what in _UNSUPPORTED.items():
         found = sorted(k for k in net if k.startswith(prefix))
         if found:
             shown = ", ".join(found[:3]) + (" ..." if len(found) > 3 else "")
             raise HarnessError(f"the checkpoint uses {what} ({shown}), "
-                               "which the harness MaskedUViT does not have; only MaskDM U-ViTs with a linear head "
-                               "(decoder_depth: 0, use_final_conv: False) can be imported")
+                               "which the harness MaskedUViT does not have; only MaskDM U-ViTs without it "
+                               "(use_final_conv: False) can be imported")
     for key in ("encoder.patch_embed.proj.weight", "encoder.encoder_pos_embed", "encoder.mid_block.mlp.fc1.weight"):
         if key not in net:
             raise HarnessError(f"not a MaskDM MaskedUViT checkpoint: its network has no '{key}' "
@@ -175,12 +183,21 @@ def infer_config(net: Mapping[str, torch.Tensor], num_heads: int | None = None) 
     if in_blocks != set(range(len(in_blocks))) or out_blocks != in_blocks:
         raise HarnessError(f"the checkpoint has in_blocks {sorted(in_blocks)} and out_blocks {sorted(out_blocks)}; "
                            "a U-ViT has the same number of each, numbered from 0")
+    decoder = {}
+    if "encoder_to_decoder.weight" in net:
+        blocks = {int(m.group(1)) for k in net if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))}
+        if not blocks or blocks != set(range(len(blocks))):
+            raise HarnessError(f"the checkpoint's ViT decoder has blocks {sorted(blocks)}; expected decoder.blocks.0 "
+                               "onwards")
+        dd = net["encoder_to_decoder.weight"].shape[0]
+        decoder = dict(decoder_depth=len(blocks), decoder_embed_dim=dd,
+                       decoder_heads=decoder_heads or default_heads(dd))
     return UViTConfig(
         img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=width,
         depth=2 * len(in_blocks) + 1, num_heads=num_heads or default_heads(width),
         mlp_ratio=net["encoder.mid_block.mlp.fc1.weight"].shape[0] / width,
         qkv_bias="encoder.mid_block.attn.q_bias" in net, num_classes=num_classes,
-        time_mlp="encoder.time_embed.0.weight" in net,
+        time_mlp="encoder.time_embed.0.weight" in net, **decoder,
     )
 
 
@@ -200,7 +217,7 @@ def _check_names(what: str, got: Mapping[str, torch.Tensor], expected: Mapping[s
 def _reference_label(ours: str) -> str:
     """How the reference names the tensor(s) behind a harness name, for error messages."""
     if ours.endswith(".attn.qkv.bias"):
-        return "encoder." + ours.replace(".qkv.bias", ".q_bias/v_bias")
+        return reference_name(ours).replace(".qkv.bias", ".q_bias/v_bias")
     return reference_name(ours)
 
 
@@ -210,15 +227,15 @@ def from_reference(net: Mapping[str, torch.Tensor], cfg: UViTConfig, what: str =
     qv: dict[str, dict[str, torch.Tensor]] = {}
     unmapped = []
     for ref, tensor in net.items():
-        if m := _QV_BIAS.match(ref):
-            qv.setdefault(m.group(1), {})[m.group(2)] = tensor
+        if (m := _QV_BIAS.match(ref)) and (block := harness_name(m.group(1) + ".attn")) is not None:
+            qv.setdefault(block[: -len(".attn")], {})[m.group(2)] = tensor
         elif (name := harness_name(ref)) is not None:
             out[name] = tensor
         else:
             unmapped.append(ref)
     for block, pair in qv.items():
         if set(pair) != {"q", "v"}:
-            unmapped += [f"encoder.{block}.attn.{k}_bias" for k in pair]  # one without the other
+            unmapped += [f"{reference_name(block)}.attn.{k}_bias" for k in pair]  # one without the other
             continue
         out[f"{block}.attn.qkv.bias"] = torch.cat([pair["q"], torch.zeros_like(pair["q"]), pair["v"]])
     _check_names(what, out, expected_shapes(cfg), unmapped, shown=_reference_label)
@@ -231,12 +248,14 @@ def to_reference(weights: Mapping[str, torch.Tensor], cfg: UViTConfig, what: str
     out: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
         if name.endswith(".attn.qkv.bias"):
-            block, d = name[: -len(".attn.qkv.bias")], cfg.embed_dim
+            block = name[: -len(".attn.qkv.bias")]
+            d = cfg.decoder_embed_dim if block.startswith("decoder.") else cfg.embed_dim
             if bool(tensor[d : 2 * d].any()):
                 log.warning("%s: dropping a non-zero key bias (the reference has none; it does not change the "
                             "output)", name)
-            out[f"encoder.{block}.attn.q_bias"] = tensor[:d].clone()  # clone: save a slice, not its storage
-            out[f"encoder.{block}.attn.v_bias"] = tensor[2 * d :].clone()
+            ref_block = reference_name(block)
+            out[f"{ref_block}.attn.q_bias"] = tensor[:d].clone()  # clone: save a slice, not its storage
+            out[f"{ref_block}.attn.v_bias"] = tensor[2 * d :].clone()
         else:
             out[reference_name(name)] = tensor
     return out
@@ -315,7 +334,8 @@ def _split_wrapper(state: Mapping[str, Any], where: str, unknown: list[str]) -> 
     return net, buffers
 
 
-def read_maskdm(src: str | Path | Mapping[str, Any], num_heads: int | None = None) -> MaskDMImport:
+def read_maskdm(src: str | Path | Mapping[str, Any], num_heads: int | None = None,
+                decoder_heads: int | None = None) -> MaskDMImport:
     """Read a MaskDM checkpoint: its architecture, and its raw and EMA weights as MaskedUViT state dicts."""
     ckpt = load_reference(src)
     if not isinstance(ckpt, Mapping) or not ({"model", "ema"} & set(ckpt)):
@@ -341,7 +361,7 @@ def read_maskdm(src: str | Path | Mapping[str, Any], num_heads: int | None = Non
     if unknown:
         raise HarnessError(f"the checkpoint has entries this converter does not know ({len(unknown)}): "
                            f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
-    cfg = infer_config(raw_net if raw_net else ema_net or {}, num_heads)
+    cfg = infer_config(raw_net if raw_net else ema_net or {}, num_heads, decoder_heads)
     raw = from_reference(raw_net, cfg, "checkpoint['model']") if raw_net is not None else None
     ema_weights = from_reference(ema_net, cfg, "checkpoint['ema']") if ema_net is not None else None
     step = ckpt.get("step", ema_step)
@@ -351,12 +371,12 @@ def read_maskdm(src: str | Path | Mapping[str, Any], num_heads: int | None = Non
                         timesteps=None if betas is None else len(betas))
 
 
-def import_maskdm(src: str | Path | Mapping[str, Any], weights: str = "ema",
-                  num_heads: int | None = None) -> tuple[UViTConfig, dict[str, torch.Tensor]]:
+def import_maskdm(src: str | Path | Mapping[str, Any], weights: str = "ema", num_heads: int | None = None,
+                  decoder_heads: int | None = None) -> tuple[UViTConfig, dict[str, torch.Tensor]]:
     """(UViTConfig, MaskedUViT state dict) of a MaskDM checkpoint; `weights` is 'ema' or 'raw'."""
     if weights not in ("ema", "raw"):
         raise HarnessError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    found = read_maskdm(src, num_heads)
+    found = read_maskdm(src, num_heads, decoder_heads)
     chosen = found.ema if weights == "ema" else found.raw
     if chosen is None:
         raise HarnessError(f"the checkpoint has no {weights} weights (no '{'ema' if weights == 'ema' else 'model'}' "
@@ -371,14 +391,13 @@ def config_of_weights(weights: Mapping[str, torch.Tensor]) -> UViTConfig:
     """The architecture of MaskedUViT weights, read from the tensors (num_heads=1: heads are in neither layout)."""
     if "pos_embed" not in weights:
         raise HarnessError("these weights are not a MaskedUViT state dict (no 'pos_embed')")
-    d = weights["pos_embed"].shape[-1]
     renamed = {}
     for name, tensor in weights.items():  # names only, so that infer_config can read them
         if name.endswith(".attn.qkv.bias"):
-            renamed["encoder." + name.replace(".qkv.bias", ".q_bias")] = tensor[:d]
+            renamed[reference_name(name).replace(".qkv.bias", ".q_bias")] = tensor[: tensor.shape[0] // 3]
         else:
             renamed[reference_name(name)] = tensor
-    return infer_config(renamed, num_heads=1)
+    return infer_config(renamed, num_heads=1, decoder_heads=1)
 
 
 def export_maskdm(source: Mapping[str, Any], cfg: UViTConfig | None = None,

@@ -136,7 +136,10 @@ class Stage:
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"type": type(obj).__name__}
-        out.update({f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        # Fields added after the first release are left out while at their defaults: stages that do not use
+        # them keep the ids (and so the results folders) they had.
+        out.update({f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if not (f.metadata.get("added_later") and getattr(obj, f.name) == f.default)})
         return out
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}

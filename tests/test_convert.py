@@ -34,6 +34,8 @@ class RefSizes:
     qv_bias: bool = False
     classes: int = 0  # 0: unconditional (the reference's num_classes = -1)
     time_mlp: bool = False
+    decoder_depth: int = 0  # > 0: the reference's ViT decoder instead of the linear head
+    decoder_width: int = 16
 
 
 def reference_net(s: RefSizes, seed: int) -> dict[str, torch.Tensor]:
@@ -50,22 +52,30 @@ def reference_net(s: RefSizes, seed: int) -> dict[str, torch.Tensor]:
                     "encoder.time_embed.2.weight": rnd(d, 4 * d, std=0.1), "encoder.time_embed.2.bias": rnd(d)})
     if s.classes:
         net.update({"encoder.label_emb.weight": rnd(s.classes, d), "encoder.uncond_embed": rnd(1, d)})
-    blocks = [f"in_blocks.{i}" for i in range(s.in_blocks)] + ["mid_block"]
-    blocks += [f"out_blocks.{i}" for i in range(s.in_blocks)]
+    blocks = [f"encoder.in_blocks.{i}" for i in range(s.in_blocks)] + ["encoder.mid_block"]
+    blocks += [f"encoder.out_blocks.{i}" for i in range(s.in_blocks)]
+    blocks += [f"decoder.blocks.{i}" for i in range(s.decoder_depth)]
     for b in blocks:
-        p = f"encoder.{b}."
-        if b.startswith("out"):
+        p, w = f"{b}.", s.decoder_width if b.startswith("decoder.") else d
+        if b.startswith("encoder.out"):
             net[p + "skip_linear.weight"], net[p + "skip_linear.bias"] = rnd(d, 2 * d, std=0.1), rnd(d, std=0.1)
         for ln in ("norm1", "norm2"):
-            net[p + ln + ".weight"], net[p + ln + ".bias"] = 1 + rnd(d, std=0.1), rnd(d, std=0.1)
-        net[p + "attn.qkv.weight"] = rnd(3 * d, d)
+            net[p + ln + ".weight"], net[p + ln + ".bias"] = 1 + rnd(w, std=0.1), rnd(w, std=0.1)
+        net[p + "attn.qkv.weight"] = rnd(3 * w, w)
         if s.qv_bias:
-            net[p + "attn.q_bias"], net[p + "attn.v_bias"] = rnd(d), rnd(d)
-        net[p + "attn.proj.weight"], net[p + "attn.proj.bias"] = rnd(d, d), rnd(d, std=0.1)
-        net[p + "mlp.fc1.weight"], net[p + "mlp.fc1.bias"] = rnd(hid, d), rnd(hid, std=0.1)
-        net[p + "mlp.fc2.weight"], net[p + "mlp.fc2.bias"] = rnd(d, hid, std=0.1), rnd(d, std=0.1)
+            net[p + "attn.q_bias"], net[p + "attn.v_bias"] = rnd(w), rnd(w)
+        net[p + "attn.proj.weight"], net[p + "attn.proj.bias"] = rnd(w, w), rnd(w, std=0.1)
+        net[p + "mlp.fc1.weight"], net[p + "mlp.fc1.bias"] = rnd(w * s.mlp_ratio, w), rnd(w * s.mlp_ratio, std=0.1)
+        net[p + "mlp.fc2.weight"], net[p + "mlp.fc2.bias"] = rnd(w, w * s.mlp_ratio, std=0.1), rnd(w, std=0.1)
     net["encoder.norm.weight"], net["encoder.norm.bias"] = 1 + rnd(d, std=0.1), rnd(d, std=0.1)
-    net["encoder_to_output.weight"], net["encoder_to_output.bias"] = rnd(pd, d), rnd(pd, std=0.1)
+    if s.decoder_depth:
+        dd = s.decoder_width
+        net["encoder_to_decoder.weight"] = rnd(dd, d)
+        net["decoder_pos_embed"] = rnd(1, extras + s.grid**2, dd)
+        net["decoder.norm.weight"], net["decoder.norm.bias"] = 1 + rnd(dd, std=0.1), rnd(dd, std=0.1)
+        net["decoder.head.weight"], net["decoder.head.bias"] = rnd(pd, dd), rnd(pd, std=0.1)
+    else:
+        net["encoder_to_output.weight"], net["encoder_to_output.bias"] = rnd(pd, d), rnd(pd, std=0.1)
     return net
 
 
@@ -105,7 +115,7 @@ def reference_checkpoint(s: RefSizes, step: int = 1234) -> dict:
     return {"step": step, "model": raw, "opt": opt, "ema": ema, "scaler": scaler}
 
 
-def reference_forward(net, x, t, heads, y=None, mask=None):
+def reference_forward(net, x, t, heads, y=None, mask=None, decoder_heads=2):
     """The reference network's forward pass, written from its tensors alone (mask: bool [B, N] over patches)."""
     d = net["encoder.encoder_pos_embed"].shape[-1]
     proj = net["encoder.patch_embed.proj.weight"]
@@ -122,23 +132,26 @@ def reference_forward(net, x, t, heads, y=None, mask=None):
         label = net["encoder.uncond_embed"].expand(x.shape[0], -1) if y is None else net["encoder.label_emb.weight"][y]
         tokens, extras = torch.cat([label[:, None], tokens], dim=1), 2
     tokens = tokens + net["encoder.encoder_pos_embed"]
+    full = None
     if mask is not None:  # the reference's mask covers every token; the extra tokens are never masked
         full = torch.cat([torch.zeros(x.shape[0], extras, dtype=torch.bool), mask], dim=1)
         tokens = tokens[~full].reshape(x.shape[0], -1, d)
 
-    def block(name, z, skip=None):
-        w = lambda k: net[f"encoder.{name}.{k}"]  # noqa: E731
+    def block(name, z, heads, skip=None):
+        w = lambda k: net[f"{name}.{k}"]  # noqa: E731
+        width = z.shape[-1]
         if skip is not None:
             z = F.linear(torch.cat([z, skip], dim=-1), w("skip_linear.weight"), w("skip_linear.bias"))
-        a = F.layer_norm(z, (d,), w("norm1.weight"), w("norm1.bias"))
+        a = F.layer_norm(z, (width,), w("norm1.weight"), w("norm1.bias"))
         bias = None
-        if f"encoder.{name}.attn.q_bias" in net:
-            bias = torch.cat([w("attn.q_bias"), torch.zeros(d), w("attn.v_bias")])
+        if f"{name}.attn.q_bias" in net:
+            bias = torch.cat([w("attn.q_bias"), torch.zeros(width), w("attn.v_bias")])
         b, n, _ = a.shape
-        q, k, v = F.linear(a, w("attn.qkv.weight"), bias).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        attn = ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        z = z + F.linear((attn @ v).transpose(1, 2).reshape(b, n, d), w("attn.proj.weight"), w("attn.proj.bias"))
-        m = F.layer_norm(z, (d,), w("norm2.weight"), w("norm2.bias"))
+        qkv = F.linear(a, w("attn.qkv.weight"), bias).reshape(b, n, 3, heads, width // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q * (width // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        z = z + F.linear((attn @ v).transpose(1, 2).reshape(b, n, width), w("attn.proj.weight"), w("attn.proj.bias"))
+        m = F.layer_norm(z, (width,), w("norm2.weight"), w("norm2.bias"))
         m = F.gelu(F.linear(m, w("mlp.fc1.weight"), w("mlp.fc1.bias")))
         m = F.linear(m, w("mlp.fc2.weight"), w("mlp.fc2.bias"))
         return z + m
@@ -146,13 +159,23 @@ def reference_forward(net, x, t, heads, y=None, mask=None):
     n_in = len({k.split(".")[2] for k in net if k.startswith("encoder.in_blocks.")})
     skips = []
     for i in range(n_in):
-        tokens = block(f"in_blocks.{i}", tokens)
+        tokens = block(f"encoder.in_blocks.{i}", tokens, heads)
         skips.append(tokens)
-    tokens = block("mid_block", tokens)
+    tokens = block("encoder.mid_block", tokens, heads)
     for i in range(n_in):
-        tokens = block(f"out_blocks.{i}", tokens, skips.pop())
+        tokens = block(f"encoder.out_blocks.{i}", tokens, heads, skips.pop())
     tokens = F.layer_norm(tokens, (d,), net["encoder.norm.weight"], net["encoder.norm.bias"])
-    out = F.linear(tokens, net["encoder_to_output.weight"], net["encoder_to_output.bias"])[:, extras:]
+    if "encoder_to_decoder.weight" in net:  # all tokens (the extras too), plus the detached position embedding
+        z = F.linear(tokens, net["encoder_to_decoder.weight"])
+        pos = net["decoder_pos_embed"].expand(x.shape[0], -1, -1)
+        z = z + (pos if full is None else pos[~full].reshape(x.shape[0], -1, z.shape[-1]))
+        n_dec = len({k.split(".")[2] for k in net if k.startswith("decoder.blocks.")})
+        for i in range(n_dec):
+            z = block(f"decoder.blocks.{i}", z, decoder_heads)
+        z = F.layer_norm(z, (z.shape[-1],), net["decoder.norm.weight"], net["decoder.norm.bias"])
+        out = F.linear(z, net["decoder.head.weight"], net["decoder.head.bias"])[:, extras:]
+    else:
+        out = F.linear(tokens, net["encoder_to_output.weight"], net["encoder_to_output.bias"])[:, extras:]
     if mask is not None:
         return out
     g = math.isqrt(out.shape[1])  # 'B (h w) (p1 p2 C) -> B C (h p1) (w p2)'
@@ -164,14 +187,17 @@ def _net(ckpt: dict, section: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in ckpt[section].items() if k.startswith(prefix)}
 
 
-VARIANTS = [RefSizes(), RefSizes(qv_bias=True, classes=5, time_mlp=True, in_blocks=1, grid=3, chans=1, patch=2)]
+VARIANTS = [RefSizes(), RefSizes(qv_bias=True, classes=5, time_mlp=True, in_blocks=1, grid=3, chans=1, patch=2),
+            RefSizes(decoder_depth=2), RefSizes(decoder_depth=1, qv_bias=True, classes=5)]
+IDS = ["plain", "qv_bias+classes+time_mlp", "vit_decoder", "vit_decoder+qv_bias+classes"]
 
 
-@pytest.mark.parametrize("sizes", VARIANTS, ids=["plain", "qv_bias+classes+time_mlp"])
+@pytest.mark.parametrize("sizes", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("weights", ["raw", "ema"])
 def test_imported_model_computes_the_reference_forward(sizes, weights):
     ckpt = reference_checkpoint(sizes)
-    cfg, state = import_maskdm(ckpt, weights=weights, num_heads=4)
+    cfg, state = import_maskdm(ckpt, weights=weights, num_heads=4, decoder_heads=2)
+    assert (cfg.decoder_depth, cfg.decoder_embed_dim if cfg.decoder_depth else 16) == (sizes.decoder_depth, 16)
     assert (cfg.embed_dim, cfg.patch_size, cfg.in_chans, cfg.img_size) == (32, sizes.patch, sizes.chans,
                                                                           sizes.grid * sizes.patch)
     assert (cfg.depth, cfg.qkv_bias, cfg.num_classes, cfg.time_mlp) == (2 * sizes.in_blocks + 1, sizes.qv_bias,
@@ -198,12 +224,14 @@ def test_imported_model_computes_the_reference_forward(sizes, weights):
         torch.testing.assert_close(masked, reference_forward(net, x, t, 4, y=y, mask=mask), rtol=1e-5, atol=1e-5)
         # a wrong head count gives another function: the number of heads really matters
         assert not torch.allclose(theirs, reference_forward(net, x, t, heads=2, y=y), atol=1e-3)
+        if sizes.decoder_depth:  # and so does the decoder's
+            assert not torch.allclose(theirs, reference_forward(net, x, t, 4, y=y, decoder_heads=1), atol=1e-3)
 
 
-@pytest.mark.parametrize("sizes", VARIANTS, ids=["plain", "qv_bias+classes+time_mlp"])
+@pytest.mark.parametrize("sizes", VARIANTS, ids=IDS)
 def test_import_then_export_is_bit_exact(sizes, tmp_path):
     original = reference_checkpoint(sizes)
-    found = read_maskdm(original, num_heads=4)
+    found = read_maskdm(original, num_heads=4, decoder_heads=2)
     assert (found.step, found.schedule, found.timesteps) == (1234, "cosine", 1000)
     exported = export_maskdm({"model": found.raw, "ema": found.ema, "step": found.step}, found.config)
     torch.save(exported, tmp_path / "out.pt")
@@ -247,7 +275,8 @@ def test_exported_model_keeps_its_outputs_even_with_a_key_bias(caplog):
     (lambda c: c["model"].pop("model.encoder.norm.weight"), "missing"),
     (lambda c: c["model"].update({"model.encoder.pos_embed": torch.zeros(1, 17, 32)}), "encoder.pos_embed"),
     (lambda c: c["model"].update({"model.encoder.mid_block.attn.q_bias": torch.zeros(32)}), "q_bias"),
-    (lambda c: c["model"].update({"model.decoder.blocks.0.norm1.weight": torch.ones(8)}), "ViT decoder"),
+    (lambda c: c["model"].update({"model.decoder.blocks.0.norm1.weight": torch.ones(8)}),
+     "unmapped.*decoder.blocks.0.norm1.weight"),  # decoder blocks without the rest of a decoder
     (lambda c: c["model"].update({"model.final_layer.weight": torch.ones(3, 3, 3, 3)}), "final 3x3 conv"),
     (lambda c: c["ema"].update({"ema_model.something_new": torch.ones(1)}), "something_new"),
     (lambda c: c["ema"].update({"online_model.model.encoder.typo": torch.ones(1)}), "online_model.model.encoder.typo"),
@@ -275,7 +304,8 @@ def test_cli_import_writes_a_safe_harness_checkpoint_and_prints_bindings(tmp_pat
     out = capsys.readouterr().out
     expected = UViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=5, num_heads=4)
     for field in dataclasses.fields(UViTConfig):
-        assert f"UViTConfig.{field.name} = {getattr(expected, field.name)!r}" in out
+        line = f"UViTConfig.{field.name} = {getattr(expected, field.name)!r}"
+        assert (line not in out) if field.metadata.get("added_later") else (line in out)  # no decoder: not named
     assert "DiffusionConfig.schedule = 'cosine'" in out and f"Stage.init_checkpoint = '{dst}'" in out
 
     loaded = load_checkpoint(dst)  # weights_only

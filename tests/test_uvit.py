@@ -82,8 +82,12 @@ def test_masked_flops_fall_close_to_the_token_ratio():
     assert 0.2 < ratio < 17 / 65 + 0.05, ratio  # linear layers scale with 17/65 tokens, attention faster
 
 
-def test_masked_patch_content_is_really_dropped():
-    model = tiny()
+DECODER = dict(decoder_depth=2, decoder_embed_dim=16, decoder_heads=2)
+
+
+@pytest.mark.parametrize("head", [{}, DECODER], ids=["linear head", "ViT decoder"])
+def test_masked_patch_content_is_really_dropped(head):
+    model = tiny(**head)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 20])
     mask = PatchMask(0.5).sample(2, 4, generator=torch.Generator().manual_seed(1))
     out = model(x, t, mask=mask)
@@ -94,9 +98,10 @@ def test_masked_patch_content_is_really_dropped():
     assert not torch.allclose(model(visible_changed, t, mask=mask), out, atol=1e-3)
 
 
-def test_empty_mask_gives_the_unmasked_prediction():
+@pytest.mark.parametrize("head", [{}, DECODER], ids=["linear head", "ViT decoder"])
+def test_empty_mask_gives_the_unmasked_prediction(head):
     # one code path: masking nothing must reproduce the full forward, token for token
-    model = tiny()
+    model = tiny(**head)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
     nothing = torch.zeros(2, 16, dtype=torch.bool)
     assert torch.allclose(model(x, t, mask=nothing), patchify(model(x, t), 4), atol=1e-6)
@@ -143,7 +148,34 @@ def test_parameter_names_follow_the_reference_layout_and_init():
     assert big.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_classes": 10, "time_mlp": True, "qkv_bias": True}, {"depth": 4}])
+def test_vit_decoder_layout_and_its_fixed_position_embedding():
+    """The reference's decoder names (encoder_to_decoder without bias, decoder.blocks.i, decoder.norm,
+    decoder.head) and no linear head; its position embedding is saved but never trained, as the reference
+    detaches it. Masked, the decoder sees the time token and the visible patches at their own positions."""
+    model = tiny(**DECODER)
+    names = dict(model.named_parameters())
+    for name in ("encoder_to_decoder.weight", "decoder.blocks.1.attn.qkv.weight", "decoder.blocks.0.mlp.fc2.bias",
+                 "decoder.norm.weight", "decoder.head.weight", "decoder.head.bias"):
+        assert name in names, name
+    assert "encoder_to_decoder.bias" not in names and "decoder_pred.weight" not in names
+    assert names["decoder.head.weight"].shape == (48, 16) and names["decoder.blocks.0.mlp.fc1.weight"].shape == (64, 16)
+    assert "decoder_pos_embed" not in names and model.state_dict()["decoder_pos_embed"].shape == (1, 17, 16)
+    assert model.decoder_pos_embed.std().item() == pytest.approx(0.02, rel=0.3)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 20])
+    mask = BlockMask(0.5, block_size=2).sample(2, 4, generator=torch.Generator().manual_seed(0))
+    model(x, t, mask=mask).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # the position embedding matters: shifting one visible patch's entry changes that patch's prediction
+    before = model(x, t, mask=mask).detach()
+    first_visible = int(visible_indices(mask)[0, 0])
+    with torch.no_grad():
+        model.decoder_pos_embed[0, 1 + first_visible] += torch.randn(16)  # (not a constant: LayerNorms drop it)
+    after = model(x, t, mask=mask).detach()
+    assert not torch.allclose(after[0, 0], before[0, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_classes": 10, "time_mlp": True, "qkv_bias": True}, {"depth": 4},
+                                       {**DECODER, "qkv_bias": True, "mlp_ratio": 2.0}])
 def test_num_params_matches_the_built_module(overrides):
     cfg = UViTConfig(**{**TINY, **overrides})
     assert cfg.num_params() == sum(p.numel() for p in cfg.build().parameters())
@@ -152,7 +184,8 @@ def test_num_params_matches_the_built_module(overrides):
 @pytest.mark.parametrize(
     "overrides, words",
     [({"patch_size": 3}, "patch_size"), ({"num_heads": 5}, "num_heads"), ({"depth": 0}, "depth"),
-     ({"num_classes": -1}, "num_classes")],
+     ({"num_classes": -1}, "num_classes"), ({"decoder_depth": -1}, "decoder_depth"),
+     ({"decoder_depth": 1, "decoder_embed_dim": 16, "decoder_heads": 3}, "decoder_heads=3 must divide")],
 )
 def test_bad_config_raises_harness_error(overrides, words):
     with pytest.raises(HarnessError, match=words):
@@ -165,7 +198,7 @@ def test_bad_config_raises_harness_error(overrides, words):
         ("uvit_tiny.gin", 32, 64, 4, 0.28),
         ("uvit_small_cpu.gin", 32, 128, 4, 1.5),
         ("uvit_celeba64.gin", 64, 512, 8, 44.3),  # the issue's figure for MaskDM's CelebA-64 model
-        ("uvit_celebahq256.gin", 256, 768, 12, 102.4),
+        ("uvit_celebahq256.gin", 256, 768, 12, 104.3),  # with the reference's default 4-block ViT decoder
         ("uvit_transfer256.gin", 256, 512, 8, 46.3),
     ],
 )

@@ -1,6 +1,6 @@
 """`harness convert import|export`: MaskDM reference checkpoints in and out (the mapping: harness/convert.py).
 
-    harness convert import model-20.pt maskdm_celebahq.pt [--weights both|ema|raw] [--heads 12]
+    harness convert import model-20.pt maskdm_celebahq.pt [--weights both|ema|raw] [--heads 12] [--decoder-heads 3]
     harness convert export results/exp/arm/finetune-1a2b3c4d maskdm_layout.pt   (or a checkpoints/step_*.pt)
 
 An imported file is a harness checkpoint {"model", "ema", "config", "maskdm"} that `Stage.init_checkpoint`
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="both (default): raw -> 'model', EMA -> 'ema'; ema or raw: that set in both slots")
     imp.add_argument("--heads", type=int, default=None, metavar="N",
                      help="attention heads (not stored in the checkpoint; default width // 64: 768 -> 12, 512 -> 8)")
+    imp.add_argument("--decoder-heads", type=int, default=None, metavar="N",
+                     help="the ViT decoder's heads, if it has one (default width // 64: 192 -> 3, the reference's)")
     exp = sub.add_parser("export", help="harness stage folder or checkpoint -> MaskDM checkpoint layout")
     exp.add_argument("src", help="a stage folder (its newest valid checkpoint) or a checkpoint file")
     exp.add_argument("dst", help="the MaskDM-layout checkpoint to write")
@@ -51,7 +53,7 @@ def _import(args: argparse.Namespace) -> int:
     from harness.convert import read_maskdm
     from harness.errors import HarnessError
 
-    found = read_maskdm(args.src, num_heads=args.heads)
+    found = read_maskdm(args.src, num_heads=args.heads, decoder_heads=args.decoder_heads)
     raw, ema = found.raw, found.ema
     if args.weights in ("ema", "raw"):
         chosen = ema if args.weights == "ema" else raw
@@ -67,7 +69,10 @@ def _import(args: argparse.Namespace) -> int:
     sets = "raw + EMA" if found.raw is not None and found.ema is not None and args.weights == "both" else args.weights
     print(f"imported {args.src} (step {found.step}, {sets} weights) -> {args.dst}: {cfg.embed_dim} wide, "
           f"{cfg.depth} blocks, {cfg.num_heads} heads{' (assumed: width // 64)' if args.heads is None else ''}, "
-          f"patch {cfg.patch_size}, {cfg.img_size} px, {cfg.num_params():,} parameters")
+          f"patch {cfg.patch_size}, {cfg.img_size} px, "
+          + (f"a ViT decoder ({cfg.decoder_depth} blocks, {cfg.decoder_embed_dim} wide, {cfg.decoder_heads} heads), "
+             if cfg.decoder_depth else "a linear head, ")
+          + f"{cfg.num_params():,} parameters")
     if found.schedule is None and found.timesteps is not None:
         print(f"warning: its {found.timesteps}-step noise schedule is neither the harness's cosine nor linear one "
               "(shifted cosine?); fine-tuning here changes the schedule")
@@ -122,7 +127,11 @@ def _export(args: argparse.Namespace) -> int:
     for key, value in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size), ("in_chans", cfg.in_chans),
                        ("encoder_embed_dim", cfg.embed_dim), ("encoder_depth", cfg.depth),
                        ("encoder_heads", cfg.num_heads if heads_known else "? (not stored in the checkpoint)"),
-                       ("decoder_depth", 0), ("mlp_ratio", cfg.mlp_ratio), ("qkv_bias", cfg.qkv_bias),
+                       ("decoder_depth", cfg.decoder_depth),
+                       *((("decoder_embed_dim", cfg.decoder_embed_dim),
+                          ("decoder_heads", cfg.decoder_heads if heads_known else "? (not stored in the checkpoint)"))
+                         if cfg.decoder_depth else ()),
+                       ("mlp_ratio", cfg.mlp_ratio), ("qkv_bias", cfg.qkv_bias),
                        ("num_classes", cfg.num_classes or -1), ("use_final_conv", False),
                        ("mlp_time_embed", cfg.time_mlp)):
         print(f"  {key}: {value}")

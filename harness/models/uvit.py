@@ -10,8 +10,10 @@ Parameter names follow the reference layout (patch_embed, pos_embed, time_embed,
 out_blocks[i].skip_linear, norm, decoder_pred; per block norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) so
 that checkpoints of the reference code can be mapped onto it by name.
 
-Not included: U-ViT's optional final 3x3 conv (MaskDM's configs keep it off, and it cannot run on dropped
-patches) and the optional small ViT decoder of the reference code (MaskDM's U-ViT configs use a linear head).
+The head is a linear map per patch (MaskDM's 64 px and transfer models), or with `decoder_depth > 0` the
+reference code's small ViT decoder (its CelebA-HQ 256 models: 4 blocks, 192 wide, 3 heads), which runs over the
+same (visible) tokens as the encoder, the time token included. Not included: U-ViT's optional final 3x3 conv
+(MaskDM's configs keep it off, and it cannot run on dropped patches).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     """
     counts = mask.sum(dim=1)
     if mask.shape[0] and bool((counts != counts[0]).any()):
-        raise HarnessError("every image of a batch must mask the same number of patches; draw masks with harness.masks")
+        raise HarnessError("every image of a batch must mask the same number of patches; draw masks with "
+                           "harness.masks")
     # nonzero() lists positions in row-major order, so each row's indices come out sorted.
     return (~mask).nonzero()[:, 1].reshape(mask.shape[0], -1)
 
@@ -90,6 +93,11 @@ class UViTConfig:
     qkv_bias: bool = False
     num_classes: int = 0
     time_mlp: bool = False
+    # The reference's optional ViT decoder; 0 = a linear head. (Added after the first release: left out of stage
+    # descriptions while at their defaults, so that existing stage ids stay as they were.)
+    decoder_depth: int = dataclasses.field(default=0, metadata={"added_later": True})
+    decoder_embed_dim: int = dataclasses.field(default=192, metadata={"added_later": True})
+    decoder_heads: int = dataclasses.field(default=3, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         if self.img_size < 1 or self.patch_size < 1 or self.img_size % self.patch_size:
@@ -104,6 +112,13 @@ class UViTConfig:
             raise HarnessError(f"UViTConfig.depth must be at least 1, got {self.depth}")
         if self.num_classes < 0:
             raise HarnessError(f"UViTConfig.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
+        if self.decoder_depth < 0:
+            raise HarnessError(f"UViTConfig.decoder_depth must be 0 (a linear head) or more, "
+                               f"got {self.decoder_depth}")
+        if self.decoder_depth and (self.decoder_embed_dim < 1 or self.decoder_heads < 1
+                                   or self.decoder_embed_dim % self.decoder_heads):
+            raise HarnessError(f"UViTConfig.decoder_heads={self.decoder_heads} must divide "
+                               f"decoder_embed_dim={self.decoder_embed_dim}")
 
     @property
     def grid(self) -> int:
@@ -128,14 +143,21 @@ class UViTConfig:
 
     def num_params(self) -> int:
         """Parameter count, computed from the sizes alone (equals the built module's count)."""
-        d, h, blocks = self.embed_dim, self.mlp_hidden, 2 * (self.depth // 2) + 1
-        block = 4 * d + 3 * d * d + (3 * d if self.qkv_bias else 0) + d * d + d + 2 * d * h + h + d
+        d, blocks = self.embed_dim, 2 * (self.depth // 2) + 1
+
+        def block(w: int) -> int:
+            h = int(w * self.mlp_ratio)
+            return 4 * w + 3 * w * w + (3 * w if self.qkv_bias else 0) + w * w + w + 2 * w * h + h + w
+
         skips = (self.depth // 2) * (2 * d * d + d)
         embeds = self.patch_dim * d + d + (self.extras + self.num_patches) * d
         time = 2 * (d * 4 * d) + 4 * d + d if self.time_mlp else 0
         classes = (self.num_classes + 1) * d if self.num_classes > 0 else 0
-        head = 2 * d + d * self.patch_dim + self.patch_dim
-        return blocks * block + skips + embeds + time + classes + head
+        head = 2 * d + d * self.patch_dim + self.patch_dim  # final norm + linear head
+        if self.decoder_depth:  # final norm, d -> decoder width, decoder blocks, decoder norm + head
+            dd = self.decoder_embed_dim
+            head = 2 * d + d * dd + self.decoder_depth * block(dd) + 2 * dd + dd * self.patch_dim + self.patch_dim
+        return blocks * block(d) + skips + embeds + time + classes + head
 
     def build(self) -> "MaskedUViT":
         return MaskedUViT(self)
@@ -170,6 +192,21 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTDecoder(nn.Module):
+    """The reference code's optional decoder: plain pre-LN blocks over all tokens, a LayerNorm, a linear head."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, out_dim: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, num_heads, int(dim * mlp_ratio), qkv_bias) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, extras: int) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, extras:]))
 
 
 class Block(nn.Module):
@@ -229,12 +266,23 @@ class MaskedUViT(nn.Module):
         self.mid_block = block(False)
         self.out_blocks = nn.ModuleList([block(True) for _ in range(cfg.depth // 2)])
         self.norm = nn.LayerNorm(d)
-        self.decoder_pred = nn.Linear(d, cfg.patch_dim)
+        if cfg.decoder_depth:
+            dd = cfg.decoder_embed_dim
+            self.encoder_to_decoder = nn.Linear(d, dd, bias=False)
+            # The reference detaches its decoder position embedding, so it keeps its random initial values:
+            # a buffer (saved, never trained) is the same thing, without a parameter that gets no gradient.
+            self.register_buffer("decoder_pos_embed", torch.zeros(1, cfg.extras + cfg.num_patches, dd))
+            self.decoder = ViTDecoder(dd, cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                                      cfg.patch_dim)
+        else:
+            self.decoder_pred = nn.Linear(d, cfg.patch_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
         # As U-ViT: truncated normal (std 0.02) for linear weights and learned embeddings, zero biases, LN 1/0.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.decoder_depth:
+            nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         if self.cfg.num_classes > 0:
             nn.init.trunc_normal_(self.uncond_embed, std=0.02)
         for m in self.modules():
@@ -311,7 +359,13 @@ class MaskedUViT(nn.Module):
         for blk in self.out_blocks:
             h = blk(h, skips.pop())
 
-        out = self.decoder_pred(self.norm(h[:, self.extras :]))
+        if self.cfg.decoder_depth:
+            pos = self.decoder_pos_embed
+            if idx is not None:  # the extra tokens' entries, then the visible patches'
+                pos = torch.cat([pos[:, : self.extras].expand(batch, -1, -1), pos[0, self.extras + idx]], dim=1)
+            out = self.decoder(self.encoder_to_decoder(self.norm(h)) + pos, self.extras)
+        else:
+            out = self.decoder_pred(self.norm(h[:, self.extras :]))
         if mask is not None:
             return out
         return unpatchify(out, self.patch_size, self.in_chans)
