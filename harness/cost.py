@@ -174,16 +174,24 @@ class CostMeter:
         self.train_flops += steps * self.flops_per_step
 
     @contextlib.contextmanager
-    def training(self) -> Iterator["CostMeter"]:
-        """Time the enclosed block as training (nesting `evaluating()` inside pauses it)."""
+    def training(self, sync: bool = True) -> Iterator["CostMeter"]:
+        """Time the enclosed block as training (nesting `evaluating()` inside pauses it).
+
+        `sync=False` skips the CUDA synchronisations around the block: for a block that synchronises by itself
+        (a training step reads its loss), timed back to back, so that the host can queue the next step while the
+        GPU finishes the last one's update. The clock then moves a step's queued tail into the next block; sums
+        over many blocks stay right.
+        """
         if self._train_started is not None:
             raise RuntimeError("CostMeter.training() is already running; do not nest it")
-        self._sync()
+        if sync:
+            self._sync()
         self._train_started = self._clock()
         try:
             yield self
         finally:
-            self._sync()
+            if sync:
+                self._sync()
             self._add_train(self._clock() - self._train_started)
             self._train_started = None
             self.update_peak_memory()

@@ -363,7 +363,7 @@ class Trainer:
                 if ctx.stop_event is not None and ctx.stop_event.is_set():
                     self.save()
                     return "preempted"
-                with self.cost.training():
+                with self.cost.training(sync=False):  # the step syncs once itself (its loss); see training()
                     log_now = (self.step + 1) % spec.log_every == 0 or self.step + 1 == spec.steps
                     loss, grad_norm = self.train_step(self.step, grad_norm_wanted=log_now)
                     self.step += 1
