@@ -197,7 +197,7 @@ class Trainer:
             self.net, ema_net = (WithAttentionKernel(m, spec.attention) for m in (self.net, ema_net))
         if self.ddp:
             self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None)
         if spec.compile != "off":  # masks hide a fixed count of patches, so shapes stay static
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
                      spec.name, spec.compile)

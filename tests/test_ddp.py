@@ -43,6 +43,9 @@ def _train(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, 
     def run_and_keep_weights(self):
         status = original(self)
         torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()}, out.format(rank=rank))
+        # what the step called: DDP around the attention-kernel wrapper around the model
+        net = self.net.module if world_size > 1 else self.net
+        Path(out.format(rank=rank) + ".net").write_text(f"{type(self.net).__name__} {getattr(net, 'backend', '-')}")
         return status
 
     harness.train.Trainer.run = run_and_keep_weights
@@ -60,6 +63,7 @@ def _stage(tmp_path: Path, batch_size: int) -> tuple[str, str]:
 
     text = load_recipe(write_fast_recipe(tmp_path), [
         f"scratch/Stage.steps = {STEPS}", f"Stage.batch_size = {batch_size}", "Stage.checkpoint_every = 100",
+        "Stage.attention = 'math'",  # a run option that wraps the model: DDP must wrap that wrapper
         "Experiment.arms = {'scratch': [@scratch/Stage()]}"])
     (sid,) = plan_from_gin(text).stages
     return text, sid
@@ -74,6 +78,7 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
     out = str(tmp_path / "weights_{rank}.pt")
     mp.spawn(_train, args=(2, _free_port(), text, sid, str(tmp_path / "ddp"), out), nprocs=2, join=True)
     rank0, rank1 = torch.load(out.format(rank=0)), torch.load(out.format(rank=1))
+    assert Path(out.format(rank=1) + ".net").read_text() == "DistributedDataParallel math"
 
     single_out = str(tmp_path / "single_{rank}.pt")
     _train(0, 1, 0, text, sid, str(tmp_path / "single"), single_out)
