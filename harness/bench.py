@@ -3,7 +3,8 @@
 Each row times `Trainer.train_step` (the step a stage runs: draw the batch, noise and mask, forward, backward,
 clipping, AdamW, EMA) after a warm-up, and reports its median time, throughput, the FLOPs that
 `harness.cost.measure_step_flops` counts for it (forward + backward; the optimizer's elementwise work is not
-counted but its time is in the step), the achieved FLOP/s, peak memory, and what the whole stage would cost.
+counted but its time is in the step), the achieved FLOP/s, peak memory, and what the stage's training steps would
+cost (steps x the median step time; evaluation and sample grids are not counted).
 
 Two ratios are measured in the same run, so that the machine's speed and load cancel:
 - **mask efficiency** (`compare_mask`): the stage's masked step against the same model and batch without a
@@ -38,13 +39,14 @@ MATMUL_TARGET = 0.75  # issue 7, target 2 (CPU float32): step FLOP/s >= 75% of t
 PEAK_TARGET = 0.40  # issue 7, target 2 (GPU bf16): step FLOP/s >= 40% of the device's peak bf16 FLOP/s
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, matched against the CUDA device name
-# in this order (the first substring found wins).
+# in this order (the first substring found wins, so a more specific name comes before the name it contains).
 BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),
-    ("GH200", 989e12),
+    ("GH200", 989e12),  # Grace Hopper: the H100 SXM's Hopper GPU ("NVIDIA GH200 480GB")
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM ("NVIDIA H200")
     ("A100", 312e12),
     ("L40S", 362e12),
 )
@@ -93,7 +95,7 @@ class StepBench:
     sampling_images_per_second: float | None
     stage_steps: int
     stage_batch_size: int
-    estimated_hours: float  # wall-clock hours for the whole stage on this device
+    estimated_hours: float  # wall-clock hours of the stage's training steps on this device (no evaluation)
     estimated_device_hours: float
     device_hours_unit: str  # GPU-hours | core-hours
     scaled_from_batch: bool  # True when the stage's batch differs from the timed one (time scaled linearly)
@@ -144,7 +146,8 @@ class BenchReport:
 # Preparing the stages
 
 def bench_spec(spec: Stage, options: BenchOptions, notes: list[str]) -> Stage:
-    """The stage as benchmarked: the chosen batch size, and embedded data when the data folder is missing."""
+    """The stage as benchmarked: the chosen batch size, and embedded data when the data folder is missing or
+    unusable (the note quotes why, so a broken folder is not reported as a missing one)."""
     changes: dict[str, Any] = {}
     if options.batch_size is not None and options.batch_size != spec.batch_size:
         changes["batch_size"] = options.batch_size
@@ -155,15 +158,15 @@ def bench_spec(spec: Stage, options: BenchOptions, notes: list[str]) -> Stage:
     if spec.data.source == "folder":
         try:
             spec.data.check()
-        except HarnessError:
+        except HarnessError as err:
             from harness.data import DataConfig
 
             changes["data"] = DataConfig(source="shapes", resolution=spec.model.img_size, hflip=spec.data.hflip,
                                          num_images=max(64, options.batch_size or spec.batch_size))
-            notes.append(f"{spec.name}: data folder {spec.data.root!r} not found; timing on the embedded 'shapes' "
-                         f"generator at {spec.model.img_size} px instead (loader images/s are those of the "
-                         "in-memory array, not of decoding files). Point the recipe at the data, or choose the "
-                         "data with --gin \"DataConfig.source = 'shapes'\" --gin 'DataConfig.resolution = N'")
+            notes.append(f"{spec.name}: data folder {spec.data.root!r} cannot be used ({err}); timing on the "
+                         f"embedded 'shapes' generator at {spec.model.img_size} px instead (loader images/s are "
+                         "those of the in-memory array, not of decoding files). Fix the data, or choose it with "
+                         "--gin \"DataConfig.source = 'shapes'\" --gin 'DataConfig.resolution = N'")
     return dataclasses.replace(spec, **changes) if changes else spec
 
 

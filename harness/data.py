@@ -2,9 +2,8 @@
 
 `DataConfig` is the gin-configurable spec (plain data, cheap); `DataConfig.build()` makes an `ImageDataset`,
 a torch Dataset of float32 [C, H, W] images in [-1, 1]. Trainers call `get_batch(indices)`, which gathers a
-whole batch at once (one array lookup for embedded and .npy data); `get_batch(indices, generator, flip=True)`
-also mirrors half of them at random, drawn from the given torch generator so training stays reproducible.
-`__getitem__` never flips: evaluation and FID references see the images as they are.
+whole batch at once (one array lookup for embedded and .npy data). The dataset never flips: the trainer mirrors
+images itself (`hflip`) with its own seeded draw, and evaluation and FID references see the images as they are.
 
 Sources:
 - `shapes`, `faces`: procedural images generated in memory from `seed` (see harness/embedded.py).
@@ -43,7 +42,7 @@ class DataConfig:
     root: str | None = None
     resolution: int = 32
     center_crop: bool = True  # folder: resize the shorter side to `resolution`, then crop the centre square
-    hflip: bool = True  # random horizontal flips in get_batch (training only)
+    hflip: bool = True  # random horizontal flips while training (drawn by the trainer, not get_batch)
     subset: int | None = None  # keep this many images, chosen reproducibly by subset_seed
     subset_seed: int = 0
     num_images: int = 4096  # embedded sources: how many images to generate
@@ -186,23 +185,15 @@ class ImageDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.get_batch([index], flip=False)[0]
+        return self.get_batch([index])[0]
 
-    def get_batch(self, indices, generator: torch.Generator | None = None, flip: bool = False,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-        """Images `indices` as float32 [B, C, H, W] in [-1, 1], on `device` (default: CPU). With `flip=True`
-        (and `hflip` in the config), each image is mirrored with probability 1/2, drawn from `generator` (a CPU
-        torch.Generator; pass one, or the draw comes from torch's global RNG). Callers that flip themselves
-        leave `flip` False."""
+    def get_batch(self, indices, device: torch.device | str | None = None) -> torch.Tensor:
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1], on `device` (default: CPU), never mirrored."""
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         pixels = torch.from_numpy(self.uint8_batch(indices))
         if device is not None:
             pixels = pixels.to(device)  # the bytes travel: a quarter of the float32 batch
-        batch = pixel_values(pixels.device)[pixels.int()].permute(0, 3, 1, 2)
-        if flip and self.config.hflip:
-            mirrored = (torch.rand(len(indices), generator=generator) < 0.5).to(batch.device)
-            batch[mirrored] = batch[mirrored].flip(-1)
-        return batch.contiguous()
+        return pixel_values(pixels.device)[pixels.int()].permute(0, 3, 1, 2).contiguous()
 
     def write_manifest(self, path: str | os.PathLike) -> None:
         self.config.write_manifest(path)
@@ -277,9 +268,10 @@ def _check_headers(root: Path, names: list[str], resolution: int, exact_size: bo
         try:
             with Image.open(path) as image:
                 size = image.size
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # a huge image: PIL's bomb guard
             raise HarnessError(f"cannot read image {path} ({err}); delete or replace it, or run "
-                               f"`harness prepare SRC DST --resolution {resolution}`, which skips unreadable files")
+                               f"`harness prepare SRC DST --resolution {resolution}`, which skips unreadable "
+                               "files") from err
         if exact_size and size != (resolution, resolution):
             raise _size_error(path, size, resolution)
 

@@ -6,9 +6,17 @@
 # Each run writes OUTPUT_DIR/NAME.json (the `harness bench --json-out` figures) and NAME.log (the table). A run
 # that fails or passes its time limit (seconds: BENCH_TIMEOUT, default 150 eager and 300 compiled) does not stop
 # the others. With PACK=FILE.tgz set, OUTPUT_DIR is packed into it after every run.
+# It runs from any directory: OUTPUT_DIR and PACK are taken relative to where it is called, then it works from
+# the repository root (the recipes' paths are relative to it). Where the package is not installed, only its
+# dependencies are needed (torch and the rest of pyproject.toml's list; `python -m harness` run from the root
+# finds harness/ there); to say so explicitly, from the repository root:
+#   PYTHONPATH=$PWD bash scripts/bench_gpu.sh OUTPUT_DIR
 set -u
 out=${1:-bench-gpu}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute, before leaving the caller's directory
+if [ -n "${PACK:-}" ]; then case "$PACK" in /*) ;; *) PACK="$PWD/$PACK" ;; esac; fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 python=${PYTHON:-python3}
 
 bench() {  # bench NAME ARGS...

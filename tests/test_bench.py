@@ -24,7 +24,7 @@ ROW_FIELDS = {
     "matmul_shape", "matmul_flops_per_second", "matmul_fraction", "peak_memory_bytes", "peak_memory_kind",
     "loader_images_per_second", "sampler", "sampling_images_per_second", "stage_steps", "stage_batch_size",
     "estimated_hours", "estimated_device_hours", "device_hours_unit", "scaled_from_batch", "peak_fraction",
-    "precision", "compiled",
+    "precision", "compiled", "attention",
 }
 
 
@@ -123,7 +123,8 @@ def test_missing_data_folder_falls_back_to_embedded_images_and_scales_the_estima
     options = BenchOptions(batch_size=4, steps=1, warmup=0, sample_steps=1)
     report = run_bench("tiny", [stages["finetune"]], options)
     (row,) = report.rows
-    assert any("not found" in note and "embedded 'shapes'" in note and "32 px" in note for note in report.notes)
+    (note,) = [note for note in report.notes if "embedded 'shapes'" in note]
+    assert "nowhere' cannot be used (data folder" in note and "does not exist" in note and "32 px" in note
     assert any("scaled linearly" in note for note in report.notes)
     assert row.batch_size == 4 and row.stage_batch_size == 8 and row.scaled_from_batch
     assert row.estimated_hours == pytest.approx(4 * row.median_step_seconds * 8 / 4 / 3600)  # 4 steps of batch 8
@@ -134,8 +135,27 @@ def test_fallback_message_on_the_command_line(tiny_recipe, tmp_path, capsys):
                      "--sample-steps", "1", "--gin", "DataConfig.source = 'folder'",
                      "--gin", f"DataConfig.root = '{tmp_path / 'nowhere'}'", "--gin", "DataConfig.resolution = 32"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "not found; timing on the embedded 'shapes' generator at 32 px" in out
+    assert "does not exist" in out and "timing on the embedded 'shapes' generator at 32 px" in out
     assert "finetune" in out and "core-hours" in out
+    # the estimate column says what it counts
+    assert "'stage est.': the stage's training steps only" in out and "evaluation (FID sampling)" in out
+
+
+def test_a_broken_data_folder_is_reported_with_its_own_error_not_as_missing(tiny_recipe, tmp_path):
+    """A folder that exists but holds no images: the bench still times the embedded data, and the note quotes
+    the data check's own error instead of calling the folder missing."""
+    from harness.bench import bench_spec
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    stages = _stages(tiny_recipe, "DataConfig.source = 'folder'",
+                     f"DataConfig.root = '{tmp_path / 'empty'}'", "DataConfig.resolution = 32")
+    notes: list[str] = []
+    spec = bench_spec(stages["finetune"].spec, BenchOptions(batch_size=4), notes)
+    assert (spec.data.source, spec.data.resolution, spec.batch_size) == ("shapes", 32, 4)
+    (note,) = notes
+    assert "has no images" in note and "does not exist" not in note and "not found" not in note
+    assert note.startswith(f"finetune: data folder '{tmp_path / 'empty'}' cannot be used (data folder ")
 
 
 def test_bad_options_are_harness_errors(tiny_recipe, capsys):
@@ -248,15 +268,17 @@ def test_compiled_step_equals_the_eager_step_and_bench_reports_it(tiny_recipe, t
     assert "compiled" in table.getvalue() and "attention" in table.getvalue()  # (the cell may wrap)
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None),
+@pytest.mark.parametrize("name, matched, peak", [
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12), ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835e12), ("NVIDIA H200", "H200", 989e12),
+    ("NVIDIA H200 NVL", "H200 NVL", 835e12), ("NVIDIA GH200 480GB", "GH200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12), ("NVIDIA GeForce RTX 4090", None, None),
 ])
-def test_gpu_peak_comes_from_the_data_sheet_by_device_name(name, peak):
+def test_gpu_peak_comes_from_the_data_sheet_by_device_name(name, matched, peak):
+    """The most specific name wins (the report names it as the peak's source)."""
     from harness.bench import data_sheet_peak
 
-    found = data_sheet_peak(name)
-    assert (None if found is None else found[1]) == peak
+    assert data_sheet_peak(name) == (None if matched is None else (matched, peak))
 
 
 def test_sampling_net_runs_the_ema_model_in_the_stage_precision(tiny_recipe, tmp_path):

@@ -76,20 +76,14 @@ def test_embedded_resolutions():
 
 
 # ---------------------------------------------------------------------------------------------- flips
-def test_get_batch_flip_is_driven_by_the_generator():
+def test_the_dataset_never_flips_the_trainer_does():
+    """hflip is the trainer's (its own seeded draw); get_batch and __getitem__ return the images as they are."""
     data = DataConfig(num_images=32, hflip=True).build()
     plain = data.get_batch(range(32))
-    f1 = data.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True)
-    f2 = data.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True)
-    assert torch.equal(f1, f2)
-    expected = torch.rand(32, generator=torch.Generator().manual_seed(3)) < 0.5
-    for i in range(32):
-        assert torch.equal(f1[i], plain[i].flip(-1) if expected[i] else plain[i])
-    assert 0 < int(expected.sum()) < 32
-    # hflip=False in the config: never mirrored, even when asked; __getitem__ never mirrors.
-    no_flip = DataConfig(num_images=32, hflip=False).build()
-    assert torch.equal(no_flip.get_batch(range(32), generator=torch.Generator().manual_seed(3), flip=True), plain)
+    assert torch.equal(plain, DataConfig(num_images=32, hflip=False).build().get_batch(range(32)))
     assert torch.equal(data[5], plain[5])
+    with pytest.raises(TypeError):
+        data.get_batch(range(32), flip=True)  # the old flip path is gone, not silently ignored
 
 
 # ---------------------------------------------------------------------------------------------- subsets
@@ -183,6 +177,22 @@ def test_folder_errors_name_the_folder_or_file(tmp_path):
                    center_crop=False).build()
     # With resizing on, mixed sizes are fine.
     assert len(DataConfig(source="folder", root=str(mixed), resolution=16).build()) == 3
+
+
+def test_huge_image_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS on open (a decompression bomb): the header check of a raw
+    folder and the decoder both turn that into a HarnessError naming the file, not a traceback."""
+    from harness.data import load_rgb
+
+    root = random_folder(tmp_path / "bomb", 2, size=16)  # 256 pixels each
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the limit is 2 x 100 pixels
+    for center_crop in (False, True):
+        with pytest.raises(HarnessError, match=r"cannot read image .*img00\.png .*decompression bomb.*harness prep"):
+            DataConfig(source="folder", root=str(root), resolution=16, center_crop=center_crop).build()
+    with pytest.raises(HarnessError, match=r"cannot read image .*img01\.png .*decompression bomb"):
+        load_rgb(root / "img01.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)  # back within the limit: no error, no warning
+    assert len(DataConfig(source="folder", root=str(root), resolution=16, center_crop=False).build()) == 2
 
 
 def test_unfinished_prepare_output_is_refused(tmp_path):

@@ -258,6 +258,74 @@ def test_status_command_lists_every_stage(tmp_path, capsys):
     assert harness_main(["status", str(tmp_path / "nothing")]) == 2
 
 
+def test_status_shows_a_stage_whose_parent_failed_as_blocked(tmp_path, capsys):
+    """`harness run` cancels the children of a failed stage; status says blocked (not pending) for them, down the
+    chain, while a stage without a failed parent stays pending."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    a, b, c, d = ("a" * 16, "b" * 16, "c" * 16, "d" * 16)
+    plan = {"experiment": "exp", "stages": {
+        a: {"name": "pretrain", "dir": "two_stage/pretrain-aaaaaaaa", "arms": ["two_stage"], "depth": 0,
+            "parent": None, "steps": 4},
+        b: {"name": "finetune", "dir": "two_stage/finetune-bbbbbbbb", "arms": ["two_stage"], "depth": 1,
+            "parent": a, "steps": 2},
+        c: {"name": "polish", "dir": "two_stage/polish-cccccccc", "arms": ["two_stage"], "depth": 2,
+            "parent": b, "steps": 2},
+        d: {"name": "scratch", "dir": "scratch/scratch-dddddddd", "arms": ["scratch"], "depth": 0,
+            "parent": None, "steps": 4}}}
+    (exp / "plan.json").write_text(json.dumps(plan))
+    failed = exp / "two_stage" / "pretrain-aaaaaaaa"
+    _metrics(failed, [(1, 0.8)])
+    (failed / "FAILED").write_text("HarnessError: data folder /data does not exist\n")
+    assert harness_main(["status", str(exp), "--json"]) == 0
+    rows = {r["stage"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert {name: r["state"] for name, r in rows.items()} == {
+        "pretrain": "failed", "finetune": "blocked", "polish": "blocked", "scratch": "pending"}
+    assert rows["finetune"]["detail"] == "waits for its parent stage pretrain (aaaaaaaa), which failed"
+    assert rows["polish"]["detail"] == "waits for its parent stage finetune (bbbbbbbb), which is blocked"
+    assert rows["scratch"]["detail"] == "" and set(rows["finetune"]) == set(rows["pretrain"])  # same fields
+    assert harness_main(["status", str(exp)]) == 0  # the table shows the new state
+    out = capsys.readouterr().out
+    assert "2 blocked, 1 failed, 1 pending" in out and "waits for its parent stage pretrain" in out
+    # once the parent is done, its child is pending again (it can run)
+    (failed / "FAILED").unlink()
+    (failed / "DONE").write_text("")
+    assert harness_main(["status", str(exp), "--json"]) == 0
+    states = [json.loads(line)["state"] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(states) == ["done", "pending", "pending", "pending"]
+
+
+@pytest.mark.parametrize("name, sampler", [("ddpm", ("ddpm", 1000, 1.0)), ("ddim50", ("ddim", 50, 0.0)),
+                                           ("ddim250", ("ddim", 250, 1.0))])
+def test_sampling_files_choose_the_evaluation_sampler(name, sampler):
+    """gin/sampling/*.gin bind the evaluation's fid-scoped sampler (included after the eval file, or by --gin);
+    the sample grids stay DDIM with Stage.sample_steps."""
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    load_recipe("celeba64_mask_ablation", [f"include 'sampling/{name}.gin'"])
+    stages = {ps.name: ps.spec for ps in plan_from_gin().stages.values()}
+    evaluated = {n: (s.eval.sampler.kind, s.eval.sampler.steps, s.eval.sampler.eta) for n, s in stages.items()
+                 if s.eval is not None}
+    assert evaluated == {"scratch": sampler, "finetune": sampler}
+    assert {s.sample_steps for s in stages.values()} == {50}
+
+
+def test_mask_ablation_header_sweeps_plan_distinct_masks():
+    """The two sweeps in recipes/celeba64_mask_ablation.gin's header: every point pretrains with its own mask."""
+    ratio_sweep = build_sweep("celeba64_mask_ablation", [], [parse_grid("MASK_RATIO=[0.1,0.5,0.9]"),
+                                                             parse_grid("MASK=['@PatchMask()','@BlockMask()']")])
+    crop_sweep = build_sweep("celeba64_mask_ablation", ["MASK = @CropMask()"], [parse_grid("CROP_SIZE=[15,11,5]")])
+    for sweep, expected in ((ratio_sweep, [("patch", 0.098), ("block4", 0.062), ("patch", 0.5), ("block4", 0.5),
+                                           ("patch", 0.898), ("block4", 0.875)]),
+                            (crop_sweep, [("crop15", 0.121), ("crop11", 0.527), ("crop5", 0.902)])):
+        masks = []
+        for v in sweep:
+            (spec,) = [ps.spec for ps in v.plan.stages.values() if ps.name == "pretrain"]
+            masks.append((spec.mask.name, round(spec.mask.actual_ratio(spec.model.grid), 3)))
+        assert masks == expected
+
+
 # -- the worker -------------------------------------------------------------------------------------------------
 def test_signals_only_set_the_stop_flag():
     from harness.launch.worker import StopFlag, stop_on_signals

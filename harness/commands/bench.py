@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "time a recipe's training steps: step time, images/s, FLOP/s, memory, stage cost, mask efficiency"
+HELP = "time a recipe's training steps: step time, images/s, FLOP/s, memory, training cost, mask efficiency"
 
 EPILOG = """\
-Data: a recipe whose data folder does not exist on this machine is timed on the embedded 'shapes' generator at
-the model's resolution (the output says so). To choose the data yourself, override it with --gin, e.g.
+Data: a recipe whose data folder is missing or unusable on this machine is timed on the embedded 'shapes'
+generator at the model's resolution (the output says why). To choose the data yourself, override it with --gin, e.g.
   --gin "DataConfig.source = 'shapes'" --gin 'DataConfig.resolution = 64'
 
 Examples:
@@ -166,6 +166,8 @@ def print_report(report) -> None:
                       f"{_si(report.peak_flops, 'FLOP/s')} ({report.peak_flops_source}; a large bf16 matmul "
                       f"reached {_si(report.large_matmul_flops, 'FLOP/s')} in this run; target >= "
                       f"{PEAK_TARGET:.0%} for the CelebA-HQ 256 model).[/]")
+    console.print("[dim]'stage est.': the stage's training steps only (steps x the median step time, wall hours "
+                  "and device-hours); evaluation (FID sampling) and sample grids are not counted.[/]")
     for label, text in report.profiles.items():
         console.print(f"[bold]torch.profiler: {label}[/]", highlight=False)
         console.print(text, markup=False, highlight=False, soft_wrap=True)

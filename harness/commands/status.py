@@ -1,4 +1,8 @@
-"""`harness status RESULTS_DIR`: every stage's job, state, step and loss; the log of the failed ones."""
+"""`harness status RESULTS_DIR`: every stage's job, state, step and loss; the log of the failed ones.
+
+A stage not launched yet whose parent failed (or is itself blocked) is `blocked`, not `pending`: it cannot run
+until its parent is run again and finishes (`harness run` reports it as cancelled).
+"""
 from __future__ import annotations
 
 import argparse
@@ -37,14 +41,21 @@ def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     for plan_path in plans:
         plan = json.loads(plan_path.read_text())
         stages = plan.get("stages", {})
-        for sid, info in sorted(stages.items(), key=lambda kv: kv[1].get("depth", 0)):
+        for sid, info in sorted(stages.items(), key=lambda kv: kv[1].get("depth", 0)):  # parents first
             stage_dir = plan_path.parent / info["dir"]
             entries.append((plan.get("experiment", plan_path.parent.name), sid, info, stage_dir))
             needs_queue = needs_queue or '"slurm"' in _read(stage_dir / "job.json")
     queue = slurm_queue() if needs_queue else None
     records = []
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (experiment, stage id) -> (state, stage name)
     for experiment, sid, info, stage_dir in entries:
         state = stage_state(stage_dir, queue, log_lines)
+        parent_state, parent_name = seen.get((experiment, info.get("parent") or ""), ("", ""))
+        if state.state == "pending" and parent_state in ("failed", "blocked"):
+            state.state = "blocked"
+            which = "failed" if parent_state == "failed" else "is blocked"
+            state.detail = f"waits for its parent stage {parent_name} ({info['parent'][:8]}), which {which}"
+        seen[(experiment, sid)] = (state.state, info.get("name", ""))
         records.append({"experiment": experiment, "arms": info.get("arms", []), "stage": info.get("name", ""),
                         "stage_id": sid, "dir": str(stage_dir), "steps": info.get("steps"),
                         "state": state.state, "job_id": state.job_id, "launcher": state.launcher,

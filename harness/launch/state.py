@@ -74,7 +74,7 @@ def tail(path: str | Path | None, lines: int = 12) -> str:
 
 @dataclass
 class StageState:
-    state: str  # pending | queued | running | requeued | done | failed | unknown
+    state: str  # pending | blocked (its parent failed) | queued | running | requeued | done | failed | unknown
     job_id: str | None = None
     launcher: str | None = None
     detail: str = ""  # SLURM's state/reason, or why we think the stage failed

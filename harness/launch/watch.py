@@ -8,7 +8,7 @@ from typing import Any
 from harness.launch.state import QueueEntry, StageState, stage_state
 
 _STYLE = {"done": "green", "running": "cyan", "queued": "yellow", "requeued": "magenta", "failed": "bold red",
-          "pending": "dim", "unknown": "dim"}
+          "pending": "dim", "blocked": "yellow", "unknown": "dim"}
 
 
 @dataclass
