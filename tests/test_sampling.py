@@ -137,6 +137,7 @@ def test_gin_sampler_files(file, expected):
     gin.clear_config()
     try:
         gin.parse_config_file(str(GIN_SAMPLING / file))
-        assert SamplerConfig() == expected
+        with gin.config_scope("fid"):  # the evaluation's sampler (eval/*.gin: EvalConfig.sampler = @fid/...)
+            assert SamplerConfig() == expected
     finally:
         gin.clear_config()
