@@ -128,7 +128,7 @@ def check_attention_kernel(backend: str, device: torch.device, dtype: torch.dtyp
     except RuntimeError as e:
         raise HarnessError(f"Stage.attention = '{backend}' cannot run on {device.type} in "
                            f"{str(dtype or torch.float32).removeprefix('torch.')} with {head_dim}-wide heads "
-                           f"({str(e).splitlines()[0][:120]}); use 'auto'") from None
+                           f"({str(e).split('. ')[0].strip()[:120]}); use 'auto'") from None
 
 
 class WithAttentionKernel(nn.Module):
