@@ -53,7 +53,8 @@ COLUMNS = [
 
 
 def stage_status(stage_dir: Path) -> str:
-    """done (DONE file) | failed (FAILED file) | running (metrics.jsonl, still incomplete) | pending."""
+    """done (DONE file) | failed (FAILED file) | running (metrics.jsonl, still incomplete) | pending.
+    (`collect` turns a pending stage whose parent failed into `blocked`.)"""
     if (stage_dir / "DONE").is_file():
         return "done"
     if (stage_dir / "FAILED").is_file():
@@ -181,6 +182,7 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
     rows: list[dict] = []
     for arm, chain in plan["arms"].items():
         offset = {k: 0.0 for k in (*COST_KEYS, "steps")}
+        parent_status = None
         for index, sid in enumerate(chain):
             if sid not in plan["stages"]:
                 raise HarnessError(f"{experiment_dir / PLAN_FILE}: arm '{arm}' lists stage {sid} that the plan "
@@ -188,6 +190,9 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
             stage_rows = _stage_rows(experiment_dir, plan, arm, sid, offset)
             for row in stage_rows:
                 row["stage_index"] = index
+                if row["status"] == "pending" and parent_status in ("failed", "blocked"):
+                    row["status"] = "blocked"  # it waits for a parent that failed (as `harness status` says)
+            parent_status = stage_rows[0]["status"]
             rows += stage_rows
             totals = _final_totals(experiment_dir / plan["stages"][sid]["dir"], plan["stages"][sid])
             offset = {k: offset[k] + totals[k] for k in offset}

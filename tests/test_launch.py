@@ -422,3 +422,10 @@ def test_inline_failure_cancels_the_children_only(tmp_path):
     assert not Path(results[2]["dir"]).exists()
     with pytest.raises(HarnessError, match="2 stage"):
         raise_for_failures(results)
+    # the records (and so the report) call the cancelled child what `harness status` calls it
+    from harness.results import collect
+
+    plan_from_gin(text).write(tmp_path / "r")
+    records = collect(tmp_path / "r" / "fast")
+    statuses = {stage: set(group.status) for stage, group in records.groupby("stage")}
+    assert statuses == {"scratch": {"done"}, "pretrain": {"failed"}, "finetune": {"blocked"}}
