@@ -193,6 +193,8 @@ class PlannedStage:
             "depth": self.depth, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "seed": s.seed,
             "mask": s.mask.name, "mask_ratio": s.mask.actual_ratio(s.model.grid),
             "model": _plain(s.model), "data": _plain(s.data),
+            # everything else that the stage trains with: the report pools seeds only where all of it agrees
+            "config": {k: v for k, v in s.describe().items() if k not in ("type", "name", "seed", *RUN_OPTIONS)},
         }
 
 

@@ -88,14 +88,29 @@ def fmt_value(mean: float, std: float = math.nan, n: int = 1) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the data
 
+def _flatten(value: object, prefix: str) -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'prefix.a.b': 1}; lists and plain values are leaves."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        out.update(_flatten(item, f"{prefix}.{key}"))
+    return out
+
+
 def _arm_signature(plan: dict, arm: str) -> dict[str, object]:
-    """The arm's stage chain as flat `stage.key -> value`, seeds and ids left out (what seeds share)."""
+    """The arm's stage chain as flat `stage.key -> value`, seeds and ids left out (what seeds share): the plan's
+    summary keys (short names for labels), then every other setting of the stage's full config (plan.json's
+    `config`; plans written before it had one compare on the summary alone)."""
     flat: dict[str, object] = {}
     for sid in plan["arms"][arm]:
         stage = plan["stages"][sid]
         for key, value in stage.items():
-            if key not in ("id", "parent", "arms", "dir", "seed"):
+            if key not in ("id", "parent", "arms", "dir", "seed", "config"):
                 flat[f"{stage['name']}.{key}"] = json.dumps(value, sort_keys=True)
+        for key, value in _flatten(stage.get("config") or {}, stage["name"]).items():
+            if key.split(".")[1] not in stage:  # steps, lr, mask, model, data ... are there under short names
+                flat[key] = json.dumps(value, sort_keys=True)
     return flat
 
 

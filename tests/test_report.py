@@ -113,6 +113,35 @@ def test_same_arm_with_another_config_is_not_pooled_as_a_seed(tmp_path):
     assert len(groups) == 3
 
 
+def test_arms_that_differ_only_beyond_the_plan_summary_are_not_pooled_as_seeds(tmp_path):
+    """E.g. a sweep over finetune/Stage.ema_decay: same steps, lr, mask, model and data, yet another model. The
+    plan's full `config` tells them apart (and names the setting); two seeds of one config still pool."""
+    sweep = tmp_path / "sweep"
+    for name, seed, ema in (("a", 0, 0.999), ("b", 1, 0.999), ("c", 0, 0.9)):
+        exp = SyntheticExperiment(sweep, name)
+        sid = exp.stage(f"{name}finetune000000", StageSpec(["two_stage"], "finetune", None, 1000, 10, seed=seed,
+                                                          config={"ema_decay": ema, "lr": 1e-4, "seed_free": 1}))
+        exp.evaluate(sid, 1000, 20.0 + seed + (ema == 0.9) * 10)
+        exp.finish(sid)
+    data = load_data(sorted(sweep.iterdir()))
+    assert set(data.records.group) == {"two_stage [finetune.ema_decay=0.9]", "two_stage [finetune.ema_decay=0.999]"}
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert rows["two_stage [finetune.ema_decay=0.999]"][7] == "20.50 ± 0.71 (n=2)"  # the two seeds
+    assert rows["two_stage [finetune.ema_decay=0.9]"][7] == "30.00"
+
+
+def test_real_plans_carry_the_full_stage_config_without_seed_or_run_options(tiny_recipe):
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    load_recipe(tiny_recipe, ["Stage.compile = 'default'", "Stage.seed = 3", "finetune/Stage.ema_decay = 0.9"])
+    stages = {s["name"]: s for s in plan_from_gin().to_json()["stages"].values()}
+    config = stages["finetune"]["config"]
+    assert config["ema_decay"] == 0.9 and stages["pretrain"]["config"]["ema_decay"] == 0.9999
+    assert config["diffusion"]["schedule"] == "cosine" and config["mask"]["type"] == "NoMask"
+    assert not {"seed", "compile", "attention", "name"} & set(config) and stages["finetune"]["seed"] == 3
+
+
 def test_partial_results_are_marked(tmp_path):
     exp = standard_experiment(tmp_path)
     pre, _ = add_partial_arm(exp)
