@@ -245,13 +245,16 @@ def last_evals(points: pd.DataFrame) -> list[pd.Series]:
 
 
 def budget_levels(evals: pd.DataFrame, reference: str, column: str) -> list[tuple[float, list[str]]]:
-    """(level, where it comes from): the reference arm's evaluation points, then every arm's final one."""
+    """(level, where it comes from): the reference arm's evaluation points, then every arm's final one. Seeds of
+    an arm spend a little more or less device time for the same steps: a level is the costliest seed's figure,
+    so that every seed's own evaluation at that point lies within it (with the mean, a seed above it would be
+    read at its previous evaluation, or not at all)."""
     levels: dict[float, list[str]] = {}
-    ref = evals[evals.group == reference].groupby(["stage_index", "step"])[column].mean()
+    ref = evals[evals.group == reference].groupby(["stage_index", "step"])[column].max()
     for (_, step), x in ref.dropna().items():
         levels.setdefault(float(x), []).append(f"{reference} eval")
     for group, points in evals.groupby("group", sort=False):
-        x = pd.Series([row[column] for row in last_evals(points)], dtype=float).mean()
+        x = pd.Series([row[column] for row in last_evals(points)], dtype=float).max()
         if not pd.isna(x):
             levels.setdefault(float(x), []).append(f"{group} final")
     merged: list[tuple[float, list[str]]] = []

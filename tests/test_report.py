@@ -142,6 +142,26 @@ def test_real_plans_carry_the_full_stage_config_without_seed_or_run_options(tiny
     assert not {"seed", "compile", "attention", "name"} & set(config) and stages["finetune"]["seed"] == 3
 
 
+def test_a_final_level_holds_every_seeds_final_evaluation(tmp_path):
+    """Two seeds of scratch whose steps cost 0.6 h and 0.8 h in all: at the level 'scratch final' both seeds'
+    last evaluations are read (with a mean level of 0.7 h the costlier seed would fall back to step 500)."""
+    sweep = tmp_path / "sweep"
+    dirs = []
+    for seed, seconds, fids in ((0, 2.16, (60, 41)), (1, 2.88, (62, 43))):
+        exp = SyntheticExperiment(sweep, f"seed{seed}")
+        sid = exp.stage(f"{seed:02d}scratch0000000", StageSpec(["scratch"], "train", None, 1000, 10, seed=seed,
+                                                              seconds_per_step=seconds))
+        for step, fid in zip((500, 1000), fids):
+            exp.evaluate(sid, step, float(fid))
+        exp.finish(sid)
+        dirs.append(exp.dir)
+    data = load_data(dirs)
+    levels = dict((round(x, 6), sources) for x, sources in budget_levels(evals_of(data), "scratch", "device_hours"))
+    assert levels[0.8] == ["scratch eval", "scratch final"] and 0.4 in levels  # the costlier seed's figures
+    cell = pooled_cell(data, evals_of(data), "scratch", "device_hours", 0.8, None)
+    assert (cell.mean, cell.n, cell.where) == (42.0, 2, "train@1000")
+
+
 def test_partial_results_are_marked(tmp_path):
     exp = standard_experiment(tmp_path)
     pre, _ = add_partial_arm(exp)
