@@ -159,6 +159,8 @@ class Data:
     reference: str  # the group every other is compared with
     status: dict[str, list[str]]  # group -> status of each member
     stage_dirs: dict[tuple[str, str], Path]  # (member, stage_id) -> run folder
+    # group -> the external checkpoints (Stage.init_checkpoint) its stages start from: work the records cannot cost
+    external: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_data(experiment_dirs: list[Path]) -> Data:
@@ -184,7 +186,13 @@ def load_data(experiment_dirs: list[Path]) -> Data:
     reference = next((g for g in groups if g == "scratch" or g.startswith("scratch [")), groups[0])
     status = {g: [_arm_status(d) for _, d in records[records.group == g].groupby("member", sort=False)]
               for g in groups}
-    return Data(records, reference, status, stage_dirs)
+    external: dict[str, list[str]] = {}
+    for (member, arm), group in labels.items():
+        for sid in plans[member]["arms"][arm]:
+            path = (plans[member]["stages"][sid].get("config") or {}).get("init_checkpoint")
+            if path and group in groups and path not in external.setdefault(group, []):
+                external[group].append(path)
+    return Data(records, reference, status, stage_dirs, {g: paths for g, paths in external.items() if paths})
 
 
 def _evals(data: Data, metric: str) -> pd.DataFrame:
@@ -336,6 +344,9 @@ def build_report(data: Data, title: str, metric: str = "fid", budgets: list[str]
         summary = [f"No '{metric}' evaluations yet (metrics found: {', '.join(known) or 'none'})."]
     else:
         summary = []
+    for group, paths in data.external.items():  # e.g. fine-tuning a released MaskDM checkpoint
+        summary.append(f"Arm '{group}' starts from an external checkpoint ({', '.join(paths)}): what training it "
+                       "cost is not in its budgets, so matched-budget comparisons flatter this arm.")
     tables = [final_table(data, metric)]
     for budget in budgets or list(BUDGETS):
         table, conclusions = matched_table(data, metric, budget)

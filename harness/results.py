@@ -10,7 +10,9 @@ at equal cost without opening the run folders again:
   metrics.jsonl (metric 'loss');
 - cost at that step, cumulative along the arm: total_steps, images_seen, tokens_seen, train_flops,
   device_hours, train_seconds. A fine-tuning stage adds its parent chain's final cost.json totals, because
-  the fine-tuned model's cost includes its pretraining. The stage-local numbers are the stage_* columns.
+  the fine-tuned model's cost includes its pretraining. (A stage started from an external checkpoint,
+  Stage.init_checkpoint, has no such record to add: the report says so.) The stage-local numbers are the
+  stage_* columns.
 
 A stage with nothing to show yet (pending, failed early) still gets one row with metric and value empty, so a
 report can mark it instead of silently dropping an arm. Reading is side-effect free and deterministic: collecting

@@ -162,6 +162,20 @@ def test_a_final_level_holds_every_seeds_final_evaluation(tmp_path):
     assert (cell.mean, cell.n, cell.where) == (42.0, 2, "train@1000")
 
 
+def test_an_arm_started_from_an_external_checkpoint_is_flagged(tmp_path):
+    """Its pretraining happened elsewhere (e.g. a converted MaskDM release): the records cannot cost it, and the
+    report must say that its budgets leave it out."""
+    exp = standard_experiment(tmp_path)
+    sid = exp.stage("mfinetune0000000", StageSpec(["maskdm"], "finetune", None, 500, 10,
+                                                  config={"init_checkpoint": "ckpt/maskdm_celebahq256.pt"}))
+    exp.evaluate(sid, 500, 15.0)
+    exp.finish(sid)
+    report = build_report(load_data([exp.dir]), "t")
+    flagged = [line for line in report.summary if "external checkpoint" in line]
+    assert flagged == ["Arm 'maskdm' starts from an external checkpoint (ckpt/maskdm_celebahq256.pt): what training "
+                       "it cost is not in its budgets, so matched-budget comparisons flatter this arm."]
+
+
 def test_partial_results_are_marked(tmp_path):
     exp = standard_experiment(tmp_path)
     pre, _ = add_partial_arm(exp)
