@@ -28,6 +28,7 @@ from harness.cost import CostMeter, measure_step_flops
 from harness.errors import HarnessError
 from harness.experiment import Stage
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
+from harness.models.uvit import visible_indices
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,13 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def draw(self, step: int) -> tuple[torch.Tensor, ...]:
-        """This rank's slice of step `step`'s global batch: images, time steps, noise and mask."""
+        """This rank's slice of step `step`'s global batch: images, time steps, noise, and the mask as the indices
+        of each image's visible patches (LongTensor [B, N_visible]; None without a mask).
+
+        Masks are drawn on the CPU wherever the step runs (on a CPU device from the step's generator, after the
+        time steps, noise and flips; on a GPU from a CPU generator of their own), and their indices computed
+        there: `nonzero` on a GPU tensor would make the host wait for the device at every step.
+        """
         spec, device = self.spec, self.ctx.device
         idx = self.order.indices(step)
         gen = torch.Generator(device=device).manual_seed(_step_seed(spec.seed, step))
@@ -241,12 +248,14 @@ class Trainer:
         t = torch.randint(0, self.diffusion.timesteps, (b,), generator=gen, device=device)
         noise = torch.randn(shape, generator=gen, device=device)
         flip = torch.rand(b, generator=gen, device=device) < 0.5 if spec.data.hflip else None
-        mask = spec.mask.sample(b, self.grid, generator=gen, device=device)
+        mask_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(_step_seed(spec.seed, step, 29))
+        mask = spec.mask.sample(b, self.grid, generator=mask_gen, device="cpu")
         lo, hi = self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch
         x0 = self.dataset.get_batch(idx[lo:hi], device=device)
         if flip is not None:
             x0 = torch.where(flip[lo:hi, None, None, None], x0.flip(-1), x0)
-        return x0, t[lo:hi], noise[lo:hi], None if mask is None else mask[lo:hi]
+        visible = None if mask is None else visible_indices(mask[lo:hi]).to(device)
+        return x0, t[lo:hi], noise[lo:hi], visible
 
     def train_step(self, step: int, grad_norm_wanted: bool = True) -> tuple[float, float]:
         """Forward, backward and update for one global batch; returns (the batch's loss, grad norm).

@@ -181,3 +181,23 @@ def test_missing_data_folder_fails_before_training(tmp_path, capsys):
     assert code == 2
     assert "nowhere" in err and "harness prepare" in err
     assert not list((tmp_path / "results").rglob("checkpoints"))
+
+
+def test_draw_gives_the_visible_indices_of_the_steps_mask(tiny_recipe, tmp_path):
+    """Trainer.draw hands the loss the mask's visible indices (computed on the CPU), the same on every call for a
+    step, one row per image with the mask's count of visible patches; unmasked stages get None."""
+    import torch
+
+    from harness.train import TrainContext, Trainer
+
+    _, plan = _plan(tiny_recipe)
+    specs = {ps.name: ps.spec for ps in plan.stages.values()}
+    cpu = torch.device("cpu")
+    trainer = Trainer(TrainContext(spec=specs["pretrain"], stage_id="x", run_dir=tmp_path, device=cpu))
+    visible = trainer.draw(3)[3]
+    grid = specs["pretrain"].model.grid
+    assert visible.dtype == torch.long and visible.shape == (8, grid**2 - specs["pretrain"].mask.num_masked(grid))
+    assert torch.equal(visible, trainer.draw(3)[3]) and not torch.equal(visible, trainer.draw(4)[3])
+    assert all(bool((row[1:] > row[:-1]).all()) for row in visible)  # ascending, as visible_indices gives them
+    unmasked = Trainer(TrainContext(spec=specs["finetune"], stage_id="y", run_dir=tmp_path, device=cpu))
+    assert unmasked.draw(0)[3] is None

@@ -126,3 +126,19 @@ def test_bench_on_the_gpu_reports_a_share_of_the_peak(tiny_recipe):
         assert row.peak_fraction == pytest.approx(row.achieved_flops_per_second / report.peak_flops)
         assert row.peak_memory_kind and row.peak_memory_bytes > 0
     assert report.comparisons[0].flops_ratio < 0.6  # 75% of the patches dropped
+
+
+def test_the_masked_forward_and_loss_never_wait_for_the_gpu(tiny_recipe, tmp_path):
+    """Masks and their visible indices come from the CPU (Trainer.draw), so the masked forward and loss queue
+    their kernels without a host sync (a `nonzero` on the GPU would block the host at every step)."""
+    trainer = _trainer(tiny_recipe, tmp_path)
+    x0, t, noise, visible = trainer.draw(0)
+    assert visible.dtype == torch.long and visible.is_cuda
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.diffusion.loss_at(trainer.model, x0, t, noise, mask=visible)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert 0 < loss.item() < 10
