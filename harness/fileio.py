@@ -31,8 +31,9 @@ _UMASK = _current_umask()  # read once at import: os.umask can only be read by s
 
 
 def _writable_error(path: Path, err: OSError) -> HarnessError:
-    return HarnessError(f"cannot write {path}: {err.strerror or err} (is the results folder writable and is "
-                        "there disk space left? pass --results-dir to write elsewhere)")
+    # (prepare writes its DST through here too, so the hint names no option of one command)
+    return HarnessError(f"cannot write {path}: {err.strerror or err} (is its folder writable, and is there disk "
+                        "space left? write elsewhere, e.g. another --results-dir)")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

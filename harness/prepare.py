@@ -6,9 +6,10 @@ suffix .png) or into one uint8 array DST/images.npy [N, H, W, 3] that training r
 DST/dataset.json (the index: settings, source files in row order, skipped files with reasons, content hash) is
 written last, so its presence means the dataset is complete.
 
-Resuming: a run records its settings in DST/.prepare-progress.json. Run the same command again after an
-interruption and it continues: PNG outputs already present are kept (they are written atomically, so one that
-exists is whole); the .npy is filled in blocks and the progress file says how many blocks are done.
+Resuming: a run records its settings, the source folder among them, in DST/.prepare-progress.json. Run the
+same command again after an interruption and it continues: PNG outputs already present are kept (they are written
+atomically, so one that exists is whole); the .npy is filled in blocks and the progress file says how many blocks
+are done. A DST belongs to one source: naming it with another SRC is refused rather than mixing the two.
 
 Subsets take candidates in a seeded order (`harness.data.subset_order`) until N images have been read, so an
 unreadable file is replaced by the next candidate; with no unreadable files the subset equals
@@ -29,6 +30,7 @@ from PIL import Image
 from harness.data import (IMAGE_SUFFIXES, PREPARE_PROGRESS, PREPARED_INDEX, fit_square, list_images, load_rgb,
                           subset_order)
 from harness.errors import HarnessError
+from harness.fileio import atomic_write_text
 
 FORMATS = ("folder", "npy")
 BLOCK = 512  # candidates per block: the unit of progress saving and of work handed to the process pool
@@ -52,6 +54,7 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, resolution: 
     settings = _validate(src, dst, resolution, center_crop, subset, seed, fmt)
     if (dst / PREPARED_INDEX).is_file():
         index = json.loads((dst / PREPARED_INDEX).read_text())
+        _check_source(dst, index, src)
         if {k: index.get(k) for k in settings} != settings:
             raise HarnessError(f"{dst} already holds a dataset prepared with other settings; choose another DST "
                                f"or delete {dst}")
@@ -108,11 +111,11 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, resolution: 
         digest = _hash_array(array, count, progress["files"])
         del array
         os.replace(dst / "images.npy.partial", dst / "images.npy")
-    index = {**settings, "source": str(src), "count": count, "files": progress["files"],
+    index = {**settings, "count": count, "files": progress["files"],
              "skipped": progress["skipped"], "content_hash": digest}
     if chosen is not None:
         index["outputs"] = chosen
-    _write_atomic(dst / PREPARED_INDEX, json.dumps(index, indent=1) + "\n")
+    atomic_write_text(dst / PREPARED_INDEX, json.dumps(index, indent=1) + "\n")
     (dst / PREPARE_PROGRESS).unlink()
     return PrepareResult(dst, fmt, resolution, count, converted, progress["skipped"], digest)
 
@@ -164,7 +167,9 @@ def _validate(src: Path, dst: Path, resolution: int, center_crop: bool, subset: 
         raise HarnessError(f"--resolution {resolution} is too small; use 8 pixels or more")
     if subset is not None and subset < 1:
         raise HarnessError(f"--subset {subset} must be a positive number of images")
-    return {"format": fmt, "resolution": resolution, "center_crop": center_crop, "subset": subset,
+    # The source is a setting: resuming or reusing a DST from another folder would mix or misreport its images.
+    # It is the resolved path, as dataset.json has always recorded it, so finished datasets still match.
+    return {"source": str(src), "format": fmt, "resolution": resolution, "center_crop": center_crop, "subset": subset,
             "seed": seed if subset is not None else None}
 
 
@@ -172,6 +177,7 @@ def _load_progress(dst: Path, settings: dict) -> dict:
     path = dst / PREPARE_PROGRESS
     if path.is_file():
         progress = json.loads(path.read_text())
+        _check_source(dst, progress["settings"], Path(settings["source"]))
         if progress["settings"] != settings:
             raise HarnessError(f"{dst} holds an unfinished `harness prepare` run with other settings "
                                f"({progress['settings']}); repeat that command, or choose another DST")
@@ -184,20 +190,25 @@ def _load_progress(dst: Path, settings: dict) -> dict:
     return progress
 
 
+def _check_source(dst: Path, recorded: dict, src: Path) -> None:
+    """Refuse a DST whose dataset or unfinished run (`recorded` settings) came from a folder other than `src`."""
+    if recorded.get("source") != str(src):
+        raise HarnessError(f"{dst} holds images prepared from {recorded.get('source') or 'an unrecorded source'}, "
+                           f"not {src}; choose another DST or delete {dst}")
+
+
 def _save_progress(dst: Path, progress: dict) -> None:
-    _write_atomic(dst / PREPARE_PROGRESS, json.dumps(progress) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(dst / PREPARE_PROGRESS, json.dumps(progress) + "\n")
 
 
 def _open_array(dst: Path, rows: int, resolution: int, resume: bool) -> np.memmap:
     """The .npy being filled; rows of skipped candidates are never allocated, so the tail may stay unused."""
     path = dst / "images.npy.partial"
     if resume:
+        if not path.exists() and (dst / "images.npy").is_file():
+            # A crash after the final rename but before dataset.json: the array is whole, so take it back and
+            # let this run finish (hash, rename, index) as usual. Without dataset.json nothing reads it meanwhile.
+            os.replace(dst / "images.npy", path)
         return np.load(path, mmap_mode="r+")
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, resolution, resolution, 3))
 

@@ -37,6 +37,11 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def index_files(dst: Path) -> list[str]:
+    """The source files of a prepared dataset, in row order."""
+    return json.loads((dst / "dataset.json").read_text())["files"]
+
+
 def test_folder_format_counts_resolution_skips_and_leaves_source_alone(tmp_path):
     src = make_source(tmp_path / "src")
     before = snapshot(src)
@@ -115,11 +120,8 @@ def test_subset_replaces_unreadable_files(tmp_path):
         prepare_dataset(src, tmp_path / "too_many", resolution=8, center_crop=True, subset=7, show_progress=False)
 
 
-@pytest.mark.parametrize("fmt", ["folder", "npy"])
-def test_interrupted_run_resumes(tmp_path, monkeypatch, fmt):
-    src = make_source(tmp_path / "src", n=10)
-    reference = prepare_dataset(src, tmp_path / "ref", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
-
+def interrupt_at_seventh_image(monkeypatch) -> None:
+    """Make prepare's 7th conversion raise KeyboardInterrupt, with progress saved every 3 candidates."""
     real_convert, calls = prepare_module._convert, []
 
     def interrupted(job):
@@ -128,8 +130,16 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, fmt):
             raise KeyboardInterrupt
         return real_convert(job)
 
-    monkeypatch.setattr(prepare_module, "BLOCK", 3)  # progress is saved every 3 candidates
+    monkeypatch.setattr(prepare_module, "BLOCK", 3)
     monkeypatch.setattr(prepare_module, "_convert", interrupted)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "npy"])
+def test_interrupted_run_resumes(tmp_path, monkeypatch, fmt):
+    src = make_source(tmp_path / "src", n=10)
+    reference = prepare_dataset(src, tmp_path / "ref", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
+    real_convert = prepare_module._convert
+    interrupt_at_seventh_image(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
     assert not (tmp_path / "dst" / "dataset.json").exists()
@@ -148,6 +158,60 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, fmt):
     # Running it again once complete does nothing and reports the same dataset.
     again = prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
     assert again.converted == 0 and again.content_hash == reference.content_hash
+
+
+@pytest.mark.parametrize("fmt", ["folder", "npy"])
+def test_dst_belongs_to_one_source(tmp_path, monkeypatch, fmt):
+    src, other = make_source(tmp_path / "src", n=10), make_source(tmp_path / "other", n=10, seed=1)
+    reference = prepare_dataset(src, tmp_path / "ref", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
+    real_convert = prepare_module._convert
+    interrupt_at_seventh_image(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
+    monkeypatch.setattr(prepare_module, "_convert", real_convert)
+    # Another source for the unfinished DST is refused (it used to mix both sources' images, or hit a KeyError).
+    with pytest.raises(HarnessError, match=f"prepared from {src}, not {other}; choose another DST or delete"):
+        prepare_dataset(other, tmp_path / "dst", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
+
+    # The same source named by another relative path is the same source: the run resumes and finishes.
+    monkeypatch.chdir(tmp_path / "other")
+    resumed = prepare_dataset("../ref/../src", "../dst", resolution=8, center_crop=True, fmt=fmt,
+                              show_progress=False)
+    assert resumed.count == 10 and resumed.content_hash == reference.content_hash
+    index = json.loads((tmp_path / "dst" / "dataset.json").read_text())
+    assert index["source"] == str(src.resolve()) and index["files"] == index_files(tmp_path / "ref")
+    assert prepare_dataset("../src", "../dst", resolution=8, center_crop=True, fmt=fmt,
+                           show_progress=False).content_hash == reference.content_hash
+    # A finished DST is not handed back as if it were made from another source.
+    with pytest.raises(HarnessError, match=f"prepared from {src}, not {other}; choose another DST or delete"):
+        prepare_dataset(other, tmp_path / "dst", resolution=8, center_crop=True, fmt=fmt, show_progress=False)
+
+
+def test_npy_crash_between_rename_and_index_resumes(tmp_path, monkeypatch):
+    src = make_source(tmp_path / "src")
+    reference = prepare_dataset(src, tmp_path / "ref", resolution=8, center_crop=True, fmt="npy",
+                                show_progress=False)
+    real_write, crashed = prepare_module.atomic_write_text, []
+
+    def crash_once_on_index(path, text):
+        if Path(path).name == "dataset.json" and not crashed:
+            crashed.append(path)
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    monkeypatch.setattr(prepare_module, "atomic_write_text", crash_once_on_index)
+    dst = tmp_path / "dst"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(src, dst, resolution=8, center_crop=True, fmt="npy", show_progress=False)
+    # The crash window: the array was renamed into place, but the index saying so was never written.
+    assert (dst / "images.npy").is_file() and not (dst / "images.npy.partial").exists()
+    assert not (dst / "dataset.json").exists() and (dst / ".prepare-progress.json").exists()
+
+    resumed = prepare_dataset(src, dst, resolution=8, center_crop=True, fmt="npy", show_progress=False)
+    assert resumed.count == 6 and resumed.converted == 0 and resumed.content_hash == reference.content_hash
+    assert np.array_equal(np.load(dst / "images.npy"), np.load(tmp_path / "ref" / "images.npy"))
+    assert index_files(dst) == index_files(tmp_path / "ref")
+    assert sorted(p.name for p in dst.iterdir()) == ["dataset.json", "images.npy"]  # no temp or progress left
 
 
 def test_refuses_dst_inside_src_and_non_empty_dst(tmp_path):
