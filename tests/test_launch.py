@@ -147,6 +147,34 @@ def test_shared_stage_folders_become_relative_symlinks(tmp_path):
     assert not job.links[1].is_symlink()
 
 
+@pytest.mark.parametrize("launcher", [InlineLauncher(), LocalLauncher(), SlurmLauncher()])
+def test_every_launcher_links_shared_stages_finished_in_another_point(tmp_path, monkeypatch, launcher):
+    """A point added to a finished sweep: its shared stages are done elsewhere, so they are skipped, yet its folders
+    for them must exist (its fine-tuning reads the parent's checkpoint there; its report shows the baseline)."""
+    import harness.launch.run as run
+    from harness.launch import launch_variants
+
+    sweep = build_sweep(str(write_fast_recipe(tmp_path)), [], [parse_grid("finetune/Stage.lr=[1e-4,2e-4]")])
+    results = tmp_path / "r"
+    for sid, ps in sweep[0].plan.stages.items():  # the first point finished its scratch and pretrain stages
+        if ps.name != "finetune":
+            sweep[0].plan.stage_dir(results, sid).mkdir(parents=True)
+            (sweep[0].plan.stage_dir(results, sid) / "DONE").write_text("step 3\n")
+    seen = {}
+
+    def launched(jobs, *_args):
+        seen.update({sid: sweep[1].plan.stage_dir(results, sid).resolve()
+                     for sid in sweep[1].plan.stages if sweep[1].plan.stage_dir(results, sid).is_symlink()})
+        return []
+
+    for name in ("_run_inline", "_run_local", "_run_slurm"):
+        monkeypatch.setattr(run, name, launched)
+    launch_variants([Variant(v.gin_text, v.plan) for v in sweep], results, launcher)
+    shared = {sid: sweep[0].plan.stage_dir(results, sid).resolve() for sid, ps in sweep[1].plan.stages.items()
+              if ps.name != "finetune"}
+    assert len(shared) == 2 and seen == shared
+
+
 def test_job_file_keeps_earlier_job_ids(tmp_path):
     write_job_file(tmp_path, "slurm", "11", array_index=None)
     info = write_job_file(tmp_path, "slurm", "12_3", array_index=3)
@@ -374,6 +402,118 @@ class _no_distributed:
         return False
 
 
+def test_process_group_waits_hours_for_rank_0s_evaluation(monkeypatch):
+    """Only rank 0 evaluates (FID sampling) while the others wait in a collective: torch's default 10-minute
+    timeout would let the NCCL watchdog kill a long evaluation."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    import harness.launch.worker as worker
+
+    calls = []
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    with worker.distributed_from_env() as (rank, world):
+        assert (rank, world) == (0, 2)
+    assert calls[0]["backend"] == "gloo" and calls[1] == "destroyed"
+    assert calls[0].get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(hours=2)
+
+
+def test_sigterm_to_an_inline_run_starts_no_further_stage(tmp_path, monkeypatch):
+    """SIGTERM checkpoints the running stage ('preempted'); the stages after it must not start in its place."""
+    import harness.stage
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    started = []
+
+    def terminated(gin_text, stage_id, results_dir, stop_event=None):
+        started.append(stage_id)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. `kill` or SLURM's scancel on the inline run
+        deadline = time.monotonic() + 5
+        while not stop_event.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {"status": "preempted" if stop_event.is_set() else "done", "stage_id": stage_id, "step": 2}
+
+    monkeypatch.setattr(harness.stage, "run_stage", terminated)
+    text = load_recipe(write_fast_recipe(tmp_path), [])
+    plan = plan_from_gin(text)
+    results = launch_plan(plan, text, tmp_path / "r", InlineLauncher())
+    assert started == [results[0]["stage_id"]]
+    assert [(r["name"], r["status"]) for r in results] == [("scratch", "preempted"), ("pretrain", "cancelled"),
+                                                           ("finetune", "cancelled")]
+    assert results[0]["signal"] == "SIGTERM" and "stopped (SIGTERM)" in results[1]["error"]
+    with pytest.raises(HarnessError, match="3 stage"):
+        from harness.launch.run import raise_for_failures
+
+        raise_for_failures(results)
+
+
+# -- harness run / sweep: what they check before launching -------------------------------------------------------
+@pytest.mark.parametrize("command", [["run"], ["run", "--launcher", "local"],
+                                     ["sweep", "--grid", "MASK_RATIO=[0.5]"]])
+def test_no_wait_is_refused_unless_the_launcher_is_slurm(tmp_path, capsys, command):
+    """Inline (and local) stages end with this process: --no-wait would train everything and then exit 0
+    without the report or the failures."""
+    recipe = write_fast_recipe(tmp_path)
+    code = harness_main([command[0], str(recipe), *command[1:], "--no-wait", "--results-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "error: --no-wait needs --launcher slurm" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing trained, nothing written
+
+
+def test_harness_run_writes_the_plan_once_before_launching(tmp_path, monkeypatch):
+    import harness.launch.run as run
+    from harness.experiment import Plan
+
+    writes, seen = [], []
+    original = Plan.write
+    monkeypatch.setattr(Plan, "write", lambda self, results_dir: writes.append(1) or original(self, results_dir))
+    monkeypatch.setattr(run, "_run_inline", lambda jobs, results_dir: seen.append(
+        (results_dir / "fast" / "plan.json").is_file()) or [])
+    code = harness_main(["run", str(write_fast_recipe(tmp_path)), "--results-dir", str(tmp_path / "r"),
+                         "--no-report"])
+    assert (code, writes, seen) == (0, [1], [True])
+
+
+@pytest.mark.parametrize("launcher", ["inline", "local"])
+def test_stage_whose_unselected_parent_is_not_done_is_refused(tmp_path, capsys, launcher):
+    recipe = write_fast_recipe(tmp_path)
+    with _fails_after(60):  # the local launcher used to wait forever for the parent
+        code = harness_main(["run", str(recipe), "--launcher", launcher, "--stage", "finetune", "--no-report",
+                             "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs its parent pretrain" in err and "add --stage pretrain" in err
+    assert not list((tmp_path / "r").glob("fast/*/finetune-*"))  # nothing launched
+
+
+class _fails_after:
+    """Turn a hang into a test failure (SIGALRM interrupts the launcher's polling sleep)."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def __enter__(self):
+        def timeout(_signum, _frame):
+            raise TimeoutError(f"still running after {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
 # -- real runs: inline and submitit's LocalExecutor -------------------------------------------------------------
 @pytest.mark.slow
 def test_local_executor_runs_the_stages_like_inline(tmp_path):
@@ -429,3 +569,47 @@ def test_inline_failure_cancels_the_children_only(tmp_path):
     records = collect(tmp_path / "r" / "fast")
     statuses = {stage: set(group.status) for stage, group in records.groupby("stage")}
     assert statuses == {"scratch": {"done"}, "pretrain": {"failed"}, "finetune": {"blocked"}}
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_a_stage_whose_parent_finished_earlier(tmp_path):
+    """`--stage finetune` leaves the (finished) parent out of the launch; it used to be waited for forever."""
+    recipe = write_fast_recipe(tmp_path)
+    common = [str(recipe), "--no-report", "--results-dir", str(tmp_path / "r"), "--gin",
+              "LocalLauncher.poll_seconds = 0.2"]
+    assert harness_main(["run", *common, "--stage", "pretrain"]) == 0
+    with _fails_after(180):
+        assert harness_main(["run", *common, "--launcher", "local", "--stage", "finetune"]) == 0
+    (finetune,) = (tmp_path / "r" / "fast" / "two_stage").glob("finetune-*")
+    assert (finetune / "DONE").is_file() and json.loads((finetune / "job.json").read_text())["launcher"] == "local"
+    assert not list((tmp_path / "r" / "fast").glob("scratch/scratch-*"))  # not selected, not run
+
+
+@pytest.mark.slow
+def test_a_point_added_to_a_finished_sweep_links_the_shared_stages(tmp_path):
+    """Re-running a sweep with an extra value: the new point's shared stages (scratch, pretrain) are done in the
+    first point's folders; the new point needs them linked to fine-tune, and for its report's baseline."""
+    from harness.results import collect
+
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "r"
+
+    def sweep(values: str) -> int:
+        return harness_main(["sweep", str(recipe), "--grid", f"finetune/Stage.lr=[{values}]",
+                             "--results-dir", str(results)])
+
+    assert sweep("1e-4") == 0
+    (first,) = [p.parent for p in results.glob("*/plan.json")]
+    assert sweep("1e-4,2e-4") == 0
+    (new,) = [p.parent for p in results.glob("*/plan.json") if p.parent != first]
+    for arm, stage in (("scratch", "scratch"), ("two_stage", "pretrain")):
+        (linked,) = (new / arm).glob(f"{stage}-*")
+        assert linked.is_symlink() and linked.resolve() == (first / arm / linked.name).resolve()
+        assert _steps_of(linked) == [1, 2, 3]  # trained once, by the first sweep
+    (finetune,) = (new / "two_stage").glob("finetune-*")
+    assert (finetune / "DONE").is_file() and not finetune.is_symlink()
+    assert set(collect(new).stage) == {"scratch", "pretrain", "finetune"}  # the report has its baseline
+
+
+def _steps_of(stage_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]

@@ -123,7 +123,7 @@ def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster
 
     wait_until(lambda: (stage_dir / "metrics.jsonl").is_file() and len(_steps(stage_dir)) >= 3, 120,
                "the job to train a few steps", every=0.05)
-    # SLURM's warning signal (what --signal=USR2@N sends before the time limit, or a preemption notice).
+    # SLURM's warning signal (what --signal=USR2@N sends before the time limit).
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1"
                and scontrol_job(job_id).get("JobState") == "PENDING", 60, "the job to requeue itself")

@@ -88,12 +88,14 @@ def main(args: argparse.Namespace) -> int:
     from harness.errors import HarnessError
     from harness.experiment import plan_from_gin
     from harness.launch import launch_plan, launcher_from_name, raise_for_failures
+    from harness.launch.run import check_wait
 
     results_dir = Path(args.results_dir)
     gin_text = load_recipe(args.recipe, args.gin)
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
     launcher = launcher_from_name(args.launcher)  # fails early on an unknown launcher or a missing SLURM
+    check_wait(launcher, not args.no_wait)
     problems = missing_data(plan, stage_ids, results_dir)
     if args.dry_run:
         print_plan(plan, results_dir)
@@ -102,9 +104,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if problems:
         raise HarnessError(" | ".join(problems))
-    plan.write(results_dir)
+    # launch_plan writes plan.json (the report's and `harness status`'s index) before it launches anything.
     results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
-    if args.no_wait:
+    if args.no_wait:  # slurm only (check_wait): the jobs were submitted, `harness status` follows them
         return 0
     if not args.no_report:
         write_report(results_dir / plan.experiment)  # partial results too: failed arms are marked

@@ -30,11 +30,13 @@ def main(args: argparse.Namespace) -> int:
     from harness.errors import HarnessError
     from harness.launch import Variant, launch_variants, raise_for_failures
     from harness.launch.jobs import build_jobs
+    from harness.launch.run import check_wait
     from harness.sweep import build_sweep, parse_grid
 
     grids = [parse_grid(text) for text in args.grid]
     sweep = build_sweep(args.recipe, args.gin, grids)
     launcher = _launcher(args.launcher, args.dry_run)
+    check_wait(launcher, not args.no_wait)
     results_dir = Path(args.results_dir)
     variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
     jobs = build_jobs(variants, results_dir)

@@ -3,7 +3,8 @@
 Every launcher runs the same job body (`worker.run_stage_job`) on strings only: the gin text, a stage id and
 the results folder. Each returns one result dict per distinct stage:
 `{"stage_id", "name", "experiment", "dir", "status", "job_id", "error"}` with status one of
-done | skipped (already done) | failed | preempted | cancelled (its parent did not finish) | submitted (--no-wait).
+done | skipped (already done) | failed | preempted | cancelled (its parent did not finish, or an inline run was
+stopped before it started) | submitted (--no-wait).
 """
 from __future__ import annotations
 
@@ -35,22 +36,49 @@ def launch_plan(plan: Any, gin_text: str, results_dir: str | Path, launcher: Lau
 def launch_variants(variants: list[Variant], results_dir: str | Path, launcher: LauncherSpec | None = None,
                     stage_ids: list[str] | None = None, wait: bool = True,
                     arrays: bool = False) -> list[dict[str, Any]]:
-    """Run several experiments' stages together, each distinct stage once (`arrays`: SLURM job arrays)."""
+    """Run several experiments' stages together, each distinct stage once (`arrays`: SLURM job arrays).
+
+    Writes each experiment's plan.json first (`harness run`, `harness sweep` and API callers alike).
+    """
     launcher = launcher if launcher is not None else InlineLauncher()
+    check_wait(launcher, wait)
     results_dir = Path(results_dir)
+    every = build_jobs(variants, results_dir)
+    jobs = every if stage_ids is None else [job for job in every if job.stage_id in set(stage_ids)]
+    _check_parents_done(jobs, every)
     if _is_main_rank():
         for variant in variants:
             variant.plan.write(results_dir)
-    jobs = build_jobs(variants, results_dir)
-    if stage_ids is not None:
-        jobs = [job for job in jobs if job.stage_id in set(stage_ids)]
+        # Every point's folder for a shared stage, finished ones too: a point added to an earlier sweep finds its
+        # parent (and its report its baseline) there. Rank 0 links before any rank starts a stage.
+        for job in every:
+            link_shared_folders(job)
     if isinstance(launcher, InlineLauncher):
         return _run_inline(jobs, results_dir)
     if isinstance(launcher, LocalLauncher):
-        return _run_local(jobs, launcher, results_dir, wait)
+        return _run_local(jobs, launcher, results_dir)
     if isinstance(launcher, SlurmLauncher):
         return _run_slurm(jobs, launcher, results_dir, wait, arrays)
     raise HarnessError(f"unknown launcher {launcher!r}: use InlineLauncher, LocalLauncher or SlurmLauncher")
+
+
+def check_wait(launcher: LauncherSpec, wait: bool) -> None:
+    """--no-wait only makes sense for SLURM: inline and local stages end with this process."""
+    if not wait and not isinstance(launcher, SlurmLauncher):
+        raise HarnessError("--no-wait needs --launcher slurm: inline and local stages run in (or under) this "
+                           "process, which waits for them; drop --no-wait or use --launcher slurm")
+
+
+def _check_parents_done(selected: list[StageJob], every: list[StageJob]) -> None:
+    """A stage whose parent is left out of the launch (--stage) needs that parent finished already."""
+    chosen = {job.stage_id for job in selected}
+    by_id = {job.stage_id: job for job in every}
+    for job in selected:
+        parent = by_id.get(job.parent) if job.parent is not None else None
+        if parent is not None and parent.stage_id not in chosen and not parent.done:
+            raise HarnessError(f"stage {job.name} ({job.stage_id[:8]}) needs its parent {parent.name} "
+                               f"({parent.stage_id[:8]}) finished first: add --stage {parent.name}, or run "
+                               "without --stage")
 
 
 def _is_main_rank() -> bool:
@@ -70,14 +98,17 @@ def _run_inline(jobs: list[StageJob], results_dir: Path) -> list[dict[str, Any]]
     from harness.launch.worker import run_stage_job
 
     results, outcome = [], {}
+    stopped = ""  # the signal that preempted a stage: this process was asked to stop, so start nothing more
     for job in jobs:
         if job.done:
             results.append(_result(job, "skipped"))
+        elif stopped:
+            results.append(_result(job, "cancelled",
+                                   error=f"not started: the run was stopped ({stopped}); run again to resume"))
         elif _parent_blocks(job, outcome):
             results.append(_result(job, "cancelled", error=f"parent stage {job.parent} did not finish"))
         else:
             if _is_main_rank():
-                link_shared_folders(job)
                 write_job_file(job.stage_dir, "inline", None, pid=os.getpid(), experiment=job.experiment,
                                stage=job.name)
             try:
@@ -88,24 +119,28 @@ def _run_inline(jobs: list[StageJob], results_dir: Path) -> list[dict[str, Any]]
             except Exception as err:  # the stage wrote FAILED with the traceback; go on with the others
                 log.error("stage %s (%s) failed: %s", job.name, job.stage_id, err)
                 results.append(_result(job, "failed", error=_first_lines(str(err))))
+            if results[-1]["status"] == "preempted":
+                stopped = results[-1].get("signal") or "a stop signal"
+                log.warning("stage %s (%s) checkpointed on %s; not starting the remaining stages", job.name,
+                            job.stage_id, stopped)
         outcome[job.stage_id] = results[-1]["status"]
     return results
 
 
-def _run_local(jobs: list[StageJob], spec: LocalLauncher, results_dir: Path, wait: bool) -> list[dict]:
+def _run_local(jobs: list[StageJob], spec: LocalLauncher, results_dir: Path) -> list[dict]:
     """Subprocesses through submitit's LocalExecutor; a child is submitted once its parent is done."""
     import submitit
 
     from harness.launch.worker import run_stage_job
 
-    if not wait:
-        raise HarnessError("--no-wait needs --launcher slurm: local jobs are children of this process")
     executor = submitit.LocalExecutor(folder=Path(spec.log_folder or results_dir / ".submitit") / "%j")
     executor.update_parameters(timeout_min=spec.timeout_min, tasks_per_node=spec.tasks_per_node,
                                gpus_per_node=spec.gpus_per_node)
     results = {job.stage_id: _result(job, "skipped") for job in jobs if job.done}
     waiting = [job for job in jobs if not job.done]
     running: dict[str, tuple[StageJob, Any]] = {}
+    # A parent left out of the launch (--stage) is done: launch_variants checked it.
+    launched = {job.stage_id for job in jobs}
     outcome = {sid: "done" for sid in results}
     watcher = Watcher(jobs)
     while waiting or running:
@@ -115,9 +150,9 @@ def _run_local(jobs: list[StageJob], spec: LocalLauncher, results_dir: Path, wai
                 results[job.stage_id] = _result(job, "cancelled",
                                                 error=f"parent stage {job.parent} did not finish")
                 outcome[job.stage_id] = "cancelled"
-            elif (job.parent is None or job.parent in outcome) and len(running) < spec.max_parallel:
+            elif (job.parent is None or job.parent not in launched or job.parent in outcome) \
+                    and len(running) < spec.max_parallel:
                 waiting.remove(job)
-                link_shared_folders(job)
                 handle = executor.submit(run_stage_job, job.gin_text, job.stage_id, str(results_dir))
                 write_job_file(job.stage_dir, "local", str(handle.job_id), pid=int(handle.job_id),
                                experiment=job.experiment, stage=job.name, stdout=str(handle.paths.stdout),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.launch.jobs import StageJob, link_shared_folders, read_job_file, write_job_file
+from harness.launch.jobs import StageJob, read_job_file, write_job_file
 from harness.launch.specs import SlurmLauncher
 from harness.launch.state import QueueEntry
 
@@ -96,7 +96,6 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
                 submitted[job.stage_id] = earlier
             else:
                 level.append(job)
-                link_shared_folders(job)
         if not level:
             continue
         def args(job: StageJob) -> tuple:  # strings only: gin bindings do not survive pickling

@@ -43,8 +43,9 @@ class SlurmLauncher:
 
     A child stage waits for its parent with `--dependency=afterok` (`aftercorr` between arrays that map one to
     one), and `--kill-on-invalid-dep` cancels it when the parent fails. SLURM sends SIGUSR2 `signal_delay_s`
-    before the time limit (and on preemption); the stage then checkpoints and the job requeues itself, at most
-    `max_requeues` times.
+    before the time limit (only then); the stage checkpoints and the job requeues itself, at most `max_requeues`
+    times. Preemption sends SIGTERM: the stage checkpoints, and the job comes back only where the cluster
+    requeues preempted jobs (PreemptMode=REQUEUE); elsewhere launch again to resume.
     """
 
     name = "slurm"
@@ -61,7 +62,7 @@ class SlurmLauncher:
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ['--reservation=abc', '--exclusive']
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     array_parallelism: int = 32  # most elements of one job array running at once (the %N of --array)
-    max_requeues: int = 3  # preemptions/time limits a stage may survive before its job fails
+    max_requeues: int = 3  # restarts (SLURM's count, preemption requeues too) before a time limit fails the job
     signal_delay_s: int = 120  # SIGUSR2 this many seconds before the time limit: time to save a checkpoint
     job_name: str = "harness"
     log_folder: str | None = None  # default: <results_dir>/.submitit
@@ -83,7 +84,7 @@ class SlurmLauncher:
             params["gpus_per_node"] = self.gpus_per_node
         if self.mem_gb_per_task is not None:
             params["mem"] = f"{int(round(self.mem_gb_per_task * self.ntasks * 1024))}M"
-        # Requeue on preemption; cancel children whose parent failed instead of leaving them pending forever.
+        # Requeueable (self-requeue; preemption where PreemptMode=REQUEUE); cancel children whose parent failed.
         extra: dict = {"requeue": True, "kill_on_invalid_dep": "yes"}
         extra.update(parse_sbatch_lines(self.extra_sbatch))
         params["additional_parameters"] = extra

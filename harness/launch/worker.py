@@ -2,13 +2,15 @@
 
 `run_stage_job` is the function submitit pickles; it receives only strings. Signal handlers only set a flag:
 the trainer checks it at the next step boundary, saves a checkpoint and returns "preempted". Then, on SLURM,
-rank 0 requeues the job (SIGUSR2: time limit or preemption notice), and the requeued job resumes from that
-checkpoint. SIGTERM (scancel, or SLURM requeueing the job itself) also checkpoints, but does not requeue: a
-cancelled job should stay cancelled, and a job SLURM requeues comes back on its own.
+rank 0 requeues the job on SIGUSR2, which SLURM sends only near the time limit (`--signal`, signal_delay_s),
+and the requeued job resumes from that checkpoint. SIGTERM (scancel, or preemption) also checkpoints, but does
+not requeue: a cancelled job should stay cancelled, and a preempted job comes back only where the cluster
+requeues it itself (PreemptMode=REQUEUE); elsewhere a later launch resumes it.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -19,6 +21,10 @@ from typing import Any, Iterator
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
+
+# Evaluation (FID sampling) runs on rank 0 only while the other ranks wait in the next collective; with torch's
+# default 10-minute timeout the NCCL watchdog would kill a long evaluation. The job's time limit still applies.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=6)
 
 
 class StopFlag:
@@ -89,7 +95,7 @@ def distributed_from_env() -> Iterator[tuple[int, int]]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:
@@ -124,7 +130,7 @@ def _mark_failed(gin_text: str, stage_id: str, results_dir: str, err: Exception)
 
 
 def run_stage_job(gin_text: str, stage_id: str, results_dir: str, max_requeues: int = 3) -> dict[str, Any]:
-    """The job body: run (or resume) one stage; on SLURM, requeue it when it was asked to stop."""
+    """The job body: run (or resume) one stage; on SLURM, requeue it when stopped near its time limit."""
     from harness.stage import run_stage
 
     flag = StopFlag()
