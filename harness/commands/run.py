@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", default=None,
                         help="inline (this process) | local (submitit subprocesses) | slurm; default: what the "
                              "recipe binds (include 'launch/slurm.gin'), else inline")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan as a table and exit: nothing is trained or written")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan as a table (and what data is missing) and exit: nothing is trained or "
+                             "written")
     parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
                         help="run only these stages (by stage name, arm/name or id prefix); repeatable")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -71,7 +73,8 @@ def print_plan(plan, results_dir: Path) -> None:
     for sid, ps in plan.stages.items():
         s = ps.spec
         m = s.model
-        model = f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px, {m.num_params() / 1e6:.1f}M"
+        model = (f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
+                 + (f" +dec{m.decoder_depth}" if m.decoder_depth else "") + f", {m.num_params() / 1e6:.1f}M")
         data = s.data.source if s.data.source != "folder" else f"folder {s.data.root}"
         status = "done" if plan.is_done(results_dir, sid) else "pending"
         table.add_row(", ".join(ps.arms), s.name, sid[:8], (ps.parent or "-")[:8], str(s.steps),
