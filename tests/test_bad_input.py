@@ -81,6 +81,11 @@ def test_recipe_without_experiment_or_arms(tmp_path, capsys, text, shown):
     (["pretrain/Stage.mask = @CropMask()", "CropMask.crop_size = 0"], "CropMask.crop_size=0"),
 ])
 def test_mask_parameters_out_of_range(micro, tmp_path, capsys, bindings, shown):
+    dry_run_fails(micro, tmp_path, capsys, bindings, shown)
+
+
+def dry_run_fails(micro, tmp_path, capsys, bindings: list[str], shown: str) -> None:
+    """`harness run --dry-run` with these --gin bindings fails cleanly, showing `shown`, and writes nothing."""
     results = tmp_path / "results"
     argv = ["run", str(micro), "--dry-run", "--results-dir", str(results)]
     for binding in bindings:
@@ -99,12 +104,7 @@ def test_mask_parameters_out_of_range(micro, tmp_path, capsys, bindings, shown):
 def test_samplers_and_schedules_that_cannot_meet_are_refused_before_training(micro, tmp_path, capsys, bindings,
                                                                              shown):
     """Found at planning time, not at the first sample grid hours into the stage."""
-    results = tmp_path / "results"
-    argv = ["run", str(micro), "--dry-run", "--results-dir", str(results)]
-    for binding in bindings:
-        argv += ["--gin", binding]
-    fails_cleanly(argv, capsys, shown)
-    assert not results.exists()
+    dry_run_fails(micro, tmp_path, capsys, bindings, shown)
 
 
 @pytest.mark.parametrize("bindings, shown", [

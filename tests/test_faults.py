@@ -395,9 +395,8 @@ Experiment.arms = {'diverge': [@diverge/Stage()], 'scratch': [@scratch/Stage()]}
     assert any("scratch" in line and "done" in line for line in report.splitlines())
 
 
-@pytest.fixture
-def nan_loss_at(monkeypatch):
-    """Make the training loss NaN for the batch of one chosen step (0-based), whatever the weights."""
+def spoil_one_step(monkeypatch, bad_step: int, spoil) -> None:
+    """Replace the training loss of one chosen step (0-based) by `spoil(loss, model)`."""
     from harness.diffusion import GaussianDiffusion
     from harness.train import Trainer
 
@@ -408,15 +407,18 @@ def nan_loss_at(monkeypatch):
         current["step"] = step
         return real_draw(self, step)
 
-    def install(bad_step: int) -> None:
-        def loss_at(self, *args, **kwargs):
-            loss = real_loss(self, *args, **kwargs)
-            return loss * float("nan") if current["step"] == bad_step else loss
+    def loss_at(self, model, *args, **kwargs):
+        loss = real_loss(self, model, *args, **kwargs)
+        return spoil(loss, model) if current["step"] == bad_step else loss
 
-        monkeypatch.setattr(Trainer, "draw", draw)
-        monkeypatch.setattr(GaussianDiffusion, "loss_at", loss_at)
+    monkeypatch.setattr(Trainer, "draw", draw)
+    monkeypatch.setattr(GaussianDiffusion, "loss_at", loss_at)
 
-    return install
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """Make the training loss NaN for the batch of one chosen step (0-based), whatever the weights."""
+    return lambda bad_step: spoil_one_step(monkeypatch, bad_step, lambda loss, model: loss * float("nan"))
 
 
 def test_nan_loss_stops_the_stage_naming_the_step_and_keeps_the_last_good_checkpoint(reference, tmp_path,
@@ -458,28 +460,12 @@ def test_nan_policy_skip_skips_the_batch_and_goes_on(reference, tmp_path, nan_lo
 def nan_gradient_at(monkeypatch):
     """Make the gradients NaN for the batch of one chosen step while its loss stays finite: the loss gains
     0 * sqrt(|p - p|^2) for the first parameter, whose value is 0 but whose gradient is inf * 0 = NaN."""
-    from harness.diffusion import GaussianDiffusion
-    from harness.train import Trainer
 
-    current = {"step": -1}
-    real_draw, real_loss = Trainer.draw, GaussianDiffusion.loss_at
+    def spoil(loss, model):
+        p = next(model.parameters())
+        return loss + torch.sqrt((p - p.detach()).pow(2).sum())
 
-    def draw(self, step):
-        current["step"] = step
-        return real_draw(self, step)
-
-    def install(bad_step: int) -> None:
-        def loss_at(self, model, *args, **kwargs):
-            loss = real_loss(self, model, *args, **kwargs)
-            if current["step"] != bad_step:
-                return loss
-            p = next(model.parameters())
-            return loss + torch.sqrt((p - p.detach()).pow(2).sum())
-
-        monkeypatch.setattr(Trainer, "draw", draw)
-        monkeypatch.setattr(GaussianDiffusion, "loss_at", loss_at)
-
-    return install
+    return lambda bad_step: spoil_one_step(monkeypatch, bad_step, spoil)
 
 
 # no clipping and no log step in reach: nothing else computes the gradient norm
