@@ -119,7 +119,7 @@ class Stage:
                                f"batch_size {self.batch_size}")
         self.mask.validate(self.model.grid)
         # Samplers meet the schedule only at the first sample grid or evaluation, maybe hours in: check now.
-        if self.sample_steps > self.diffusion.timesteps:
+        if self.num_sample_images > 0 and self.sample_steps > self.diffusion.timesteps:
             raise HarnessError(f"stage '{self.name}': sample_steps = {self.sample_steps} is more than the "
                                f"diffusion's {self.diffusion.timesteps} timesteps; lower it")
         if self.eval is not None:

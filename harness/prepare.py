@@ -177,6 +177,8 @@ def _load_progress(dst: Path, settings: dict) -> dict:
     path = dst / PREPARE_PROGRESS
     if path.is_file():
         progress = json.loads(path.read_text())
+        if "source" not in progress["settings"]:  # started by a version that did not record it: adopt this one
+            progress["settings"] = {"source": settings["source"], **progress["settings"]}
         _check_source(dst, progress["settings"], Path(settings["source"]))
         if progress["settings"] != settings:
             raise HarnessError(f"{dst} holds an unfinished `harness prepare` run with other settings "

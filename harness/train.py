@@ -27,6 +27,7 @@ from harness.checkpoint import (load_checkpoint, load_weights_strictly, newest_v
 from harness.cost import CostMeter, measure_step_flops
 from harness.errors import HarnessError
 from harness.experiment import Stage
+from harness.data import to_device
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
 from harness.models.uvit import visible_indices
 
@@ -197,13 +198,15 @@ class Trainer:
         if spec.attention != "auto":
             self.net, ema_net = (WithAttentionKernel(m, spec.attention) for m in (self.net, ema_net))
         if self.ddp:
+            # No buffer broadcast: the model's only buffer (the ViT decoder's fixed position embedding) is seeded
+            # alike on every rank and never changes.
             self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device.index] if device.type == "cuda" else None)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if spec.compile != "off":  # masks hide a fixed count of patches, so shapes stay static
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
                      spec.name, spec.compile)
             self.net = torch.compile(self.net, mode=spec.compile)
-            ema_net = torch.compile(self.ema, mode=spec.compile)
+            ema_net = torch.compile(ema_net, mode=spec.compile)  # (with its attention-kernel wrapper)
         self.sampling_net: nn.Module = InPrecision(ema_net, device.type, self.autocast_dtype)
         # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
         # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
@@ -254,7 +257,7 @@ class Trainer:
         x0 = self.dataset.get_batch(idx[lo:hi], device=device)
         if flip is not None:
             x0 = torch.where(flip[lo:hi, None, None, None], x0.flip(-1), x0)
-        visible = None if mask is None else visible_indices(mask[lo:hi]).to(device)
+        visible = None if mask is None else to_device(visible_indices(mask[lo:hi]), device)
         return x0, t[lo:hi], noise[lo:hi], visible
 
     def train_step(self, step: int, grad_norm_wanted: bool = True) -> tuple[float, float]:
@@ -297,7 +300,10 @@ class Trainer:
             loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # one sync for both
         else:
             loss_value, norm_value = total.item(), 0.0
-        overflow = self.scaler.is_enabled() and not math.isfinite(norm_value)
+        # fp16 overflow: the scaler's to handle. Once its scale has fallen below 1 the gradients are non-finite
+        # for another reason, and the nan_policy applies.
+        overflow = (self.scaler.is_enabled() and not math.isfinite(norm_value)
+                    and self.scaler.get_scale() >= 1.0)
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not overflow):
             self.optimizer.zero_grad(set_to_none=True)
             what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)

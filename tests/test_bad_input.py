@@ -95,8 +95,8 @@ def dry_run_fails(micro, tmp_path, capsys, bindings: list[str], shown: str) -> N
 
 
 @pytest.mark.parametrize("bindings, shown", [
-    (["DiffusionConfig.timesteps = 40", "Stage.sample_steps = 50"], "sample_steps = 50 is more than the "
-                                                                    "diffusion's 40 timesteps"),
+    (["DiffusionConfig.timesteps = 40", "Stage.sample_steps = 50", "Stage.num_sample_images = 4"],
+     "sample_steps = 50 is more than the diffusion's 40 timesteps"),
     (["DiffusionConfig.timesteps = 100", "scratch/Stage.eval = @EvalConfig()"],
      "EvalConfig.sampler: SamplerConfig.steps=250 exceeds the diffusion's 100 time steps"),
     (["DiffusionConfig.schedule = 'linear'", "DiffusionConfig.timesteps = 20"], "too few for the linear schedule"),
@@ -186,6 +186,12 @@ def test_finetuning_a_parent_of_another_architecture(micro, tmp_path, capsys):
     finetune = [p for p in (results / "tiny" / "two_stage").iterdir() if p.name.startswith("finetune-")]
     assert len(finetune) == 1 and not list(finetune[0].rglob("*.pt"))
     assert "shape mismatch" in (finetune[0] / "FAILED").read_text()
+
+
+def test_sample_steps_are_not_checked_when_no_sample_grid_is_drawn(micro, tmp_path):
+    assert cli_main(["run", str(micro), "--dry-run", "--results-dir", str(tmp_path / "r"), "--gin",
+                     "DiffusionConfig.timesteps = 40", "--gin", "Stage.sample_steps = 50",
+                     "--gin", "Stage.num_sample_images = 0"]) == 0
 
 
 @pytest.mark.parametrize("command", ["run", "bench"])

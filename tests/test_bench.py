@@ -333,6 +333,18 @@ def test_stage_attention_picks_the_kernel_for_training_and_sampling(tiny_recipe,
     assert loss_auto == pytest.approx(loss_plain, rel=1e-5)
 
 
+def test_compiled_sampling_keeps_the_attention_kernel(tiny_recipe, tmp_path):
+    """With compile on, both the step's and the sampler's compiled modules wrap the attention-kernel choice
+    (built lazily: nothing compiles here)."""
+    from harness.train import TrainContext, Trainer, WithAttentionKernel
+
+    spec = _stages(tiny_recipe, "Stage.compile = 'default'", "Stage.attention = 'math'")["finetune"].spec
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
+    for compiled in (trainer.net, trainer.sampling_net.module):
+        assert isinstance(compiled._orig_mod, WithAttentionKernel) and compiled._orig_mod.backend == "math"
+    assert trainer.sampling_net.module._orig_mod.module is trainer.ema
+
+
 @pytest.mark.parametrize("backend", ["cudnn", "efficient"])
 def test_attention_kernel_that_cannot_run_here_is_refused_in_one_line(tiny_recipe, tmp_path, backend):
     from harness.train import TrainContext, Trainer

@@ -129,14 +129,16 @@ def test_bench_on_the_gpu_reports_a_share_of_the_peak(tiny_recipe):
 
 
 def test_the_masked_forward_and_loss_never_wait_for_the_gpu(tiny_recipe, tmp_path):
-    """Masks and their visible indices come from the CPU (Trainer.draw), so the masked forward and loss queue
-    their kernels without a host sync (a `nonzero` on the GPU would block the host at every step)."""
+    """Masks and their visible indices come from the CPU (Trainer.draw) and travel with the pixels through pinned
+    memory, so drawing the batch and the masked forward and loss queue their work without a host sync (a
+    `nonzero` on the GPU, or a copy from pageable memory, would block the host at every step)."""
     trainer = _trainer(tiny_recipe, tmp_path)
-    x0, t, noise, visible = trainer.draw(0)
-    assert visible.dtype == torch.long and visible.is_cuda
+    trainer.draw(0)  # the first draw puts the pixel table on the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
+    try:  # drawing the batch too: pinned, non-blocking copies
+        x0, t, noise, visible = trainer.draw(1)
+        assert visible.dtype == torch.long and visible.is_cuda
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.diffusion.loss_at(trainer.model, x0, t, noise, mask=visible)
     finally:

@@ -250,3 +250,21 @@ def test_cli(tmp_path, capsys):
     assert index["subset"] == 4 and index["seed"] == 1
     assert cli_main(["prepare", str(src), str(src / "x"), "--resolution", "8", "--no-progress"]) == 2
     assert "inside SRC" in capsys.readouterr().err
+
+
+def test_a_run_interrupted_before_sources_were_recorded_still_resumes(tmp_path, monkeypatch):
+    """Progress files of earlier versions carry no source: the resumed run adopts the one it is given."""
+    src = make_source(tmp_path / "src", n=10)
+    reference = prepare_dataset(src, tmp_path / "ref", resolution=8, center_crop=True, show_progress=False)
+    real_convert = prepare_module._convert
+    interrupt_at_seventh_image(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, show_progress=False)
+    monkeypatch.setattr(prepare_module, "_convert", real_convert)
+    progress_file = tmp_path / "dst" / prepare_module.PREPARE_PROGRESS
+    progress = json.loads(progress_file.read_text())
+    del progress["settings"]["source"]
+    progress_file.write_text(json.dumps(progress))
+    resumed = prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, show_progress=False)
+    assert resumed.content_hash == reference.content_hash
+    assert json.loads((tmp_path / "dst" / "dataset.json").read_text())["source"] == str(src.resolve())
