@@ -118,6 +118,13 @@ def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
     return text
 
 
+def described_fields(spec: Any) -> list[dataclasses.Field]:
+    """A dataclass spec's fields as descriptions show them: fields marked `metadata={"added_later": True}` are
+    left out while at their defaults, so that specs which do not use them describe (and hash) as before."""
+    return [f for f in dataclasses.fields(spec)
+            if not (f.metadata.get("added_later") and getattr(spec, f.name) == f.default)]
+
+
 def check_overrides(bindings: list[str], text: str) -> None:
     """A misspelt `--gin` override is valid gin that changes nothing, and a run would train the recipe as it is.
     Refuse a macro that the recipe never uses (`%NAME`) and a scope that no component runs in (`@scope/...`)."""

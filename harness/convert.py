@@ -103,8 +103,9 @@ class MaskDMImport:
 
     def bindings(self) -> list[str]:
         """gin lines that build the same network (and schedule) in a recipe."""
-        lines = [f"UViTConfig.{f.name} = {getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config)
-                 if not (f.metadata.get("added_later") and getattr(self.config, f.name) == f.default)]
+        from harness.config import described_fields
+
+        lines = [f"UViTConfig.{f.name} = {getattr(self.config, f.name)!r}" for f in described_fields(self.config)]
         if self.schedule:
             lines += [f"DiffusionConfig.schedule = {self.schedule!r}", f"DiffusionConfig.timesteps = {self.timesteps}"]
         return lines

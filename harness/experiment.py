@@ -136,10 +136,10 @@ class Stage:
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"type": type(obj).__name__}
-        # Fields added after the first release are left out while at their defaults: stages that do not use
-        # them keep the ids (and so the results folders) they had.
-        out.update({f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if not (f.metadata.get("added_later") and getattr(obj, f.name) == f.default)})
+        # Fields added after the first release stay out at their defaults: stages keep their ids and folders.
+        from harness.config import described_fields
+
+        out.update({f.name: _plain(getattr(obj, f.name)) for f in described_fields(obj)})
         return out
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -209,6 +209,21 @@ class Plan:
 
     def is_done(self, results_dir: str | Path, stage_id: str) -> bool:
         return (self.stage_dir(results_dir, stage_id) / DONE_MARKER).is_file()
+
+    def missing_data(self, results_dir: str | Path, stage_ids: list[str] | None = None) -> list[str]:
+        """What keeps the (selected) unfinished stages from reading their data, one line per problem (stages
+        usually share a folder). `harness run` and `sweep` check it before anything trains: otherwise a later
+        stage would find its folder missing only after the earlier ones had trained, or on a SLURM node."""
+        problems: list[str] = []
+        for sid in self.stages if stage_ids is None else stage_ids:
+            if self.is_done(results_dir, sid):
+                continue
+            try:
+                self.stages[sid].spec.data.check()
+            except HarnessError as err:
+                if str(err) not in problems:
+                    problems.append(str(err))
+        return problems
 
     def to_json(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "arms": self.arms,

@@ -54,9 +54,15 @@ COLUMNS = [
 ]
 
 
+def status_after_parent(status: str, parent_status: str | None) -> str:
+    """A pending stage whose parent failed (or is itself blocked) is `blocked`: it cannot run until the parent is
+    run again and finishes. Shared by the records (and so the report) and `harness status`."""
+    return "blocked" if status == "pending" and parent_status in ("failed", "blocked") else status
+
+
 def stage_status(stage_dir: Path) -> str:
     """done (DONE file) | failed (FAILED file) | running (metrics.jsonl, still incomplete) | pending.
-    (`collect` turns a pending stage whose parent failed into `blocked`.)"""
+    (`collect` turns a pending stage whose parent failed into `blocked`: `status_after_parent`.)"""
     if (stage_dir / "DONE").is_file():
         return "done"
     if (stage_dir / "FAILED").is_file():
@@ -192,8 +198,7 @@ def collect(experiment_dir: str | Path) -> pd.DataFrame:
             stage_rows = _stage_rows(experiment_dir, plan, arm, sid, offset)
             for row in stage_rows:
                 row["stage_index"] = index
-                if row["status"] == "pending" and parent_status in ("failed", "blocked"):
-                    row["status"] = "blocked"  # it waits for a parent that failed (as `harness status` says)
+                row["status"] = status_after_parent(row["status"], parent_status)
             parent_status = stage_rows[0]["status"]
             rows += stage_rows
             totals = _final_totals(experiment_dir / plan["stages"][sid]["dir"], plan["stages"][sid])

@@ -44,24 +44,6 @@ def select_stages(plan, wanted: list[str]) -> list[str]:
     return [sid for sid in plan.stages if sid in chosen]  # keep dependency order
 
 
-def missing_data(plan, stage_ids: list[str], results_dir: Path) -> list[str]:
-    """What keeps the selected unfinished stages from reading their data, one line per problem (several stages
-    usually share one folder). Checked before anything trains: otherwise a later stage would find its folder
-    missing only after the earlier ones had trained, or on a SLURM node."""
-    from harness.errors import HarnessError
-
-    problems: list[str] = []
-    for sid in stage_ids:
-        if plan.is_done(results_dir, sid):
-            continue
-        try:
-            plan.stages[sid].spec.data.check()
-        except HarnessError as err:
-            if str(err) not in problems:
-                problems.append(str(err))
-    return problems
-
-
 def print_plan(plan, results_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -91,15 +73,13 @@ def main(args: argparse.Namespace) -> int:
     from harness.errors import HarnessError
     from harness.experiment import plan_from_gin
     from harness.launch import launch_plan, launcher_from_name, raise_for_failures
-    from harness.launch.run import check_wait
 
     results_dir = Path(args.results_dir)
     gin_text = load_recipe(args.recipe, args.gin)
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
     launcher = launcher_from_name(args.launcher)  # fails early on an unknown launcher or a missing SLURM
-    check_wait(launcher, not args.no_wait)
-    problems = missing_data(plan, stage_ids, results_dir)
+    problems = plan.missing_data(results_dir, stage_ids)
     if args.dry_run:
         print_plan(plan, results_dir)
         for problem in problems:  # a plan can be previewed without the data; a run cannot start
@@ -109,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         raise HarnessError(" | ".join(problems))
     # launch_plan writes plan.json (the report's and `harness status`'s index) before it launches anything.
     results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
-    if args.no_wait:  # slurm only (check_wait): the jobs were submitted, `harness status` follows them
+    if args.no_wait:  # slurm only (launch_plan refuses it otherwise): submitted; `harness status` follows them
         return 0
     if not args.no_report:
         write_report(results_dir / plan.experiment)  # partial results too: failed arms are marked

@@ -34,6 +34,7 @@ def find_plans(results_dir: Path) -> list[Path]:
 def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     """One record per stage of every experiment found (shared stages appear under each experiment)."""
     from harness.launch.state import slurm_queue, stage_state
+    from harness.results import status_after_parent
 
     plans = find_plans(results_dir)
     needs_queue = False
@@ -51,7 +52,7 @@ def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     for experiment, sid, info, stage_dir in entries:
         state = stage_state(stage_dir, queue, log_lines)
         parent_state, parent_name = seen.get((experiment, info.get("parent") or ""), ("", ""))
-        if state.state == "pending" and parent_state in ("failed", "blocked"):
+        if status_after_parent(state.state, parent_state) == "blocked":
             state.state = "blocked"
             which = "failed" if parent_state == "failed" else "is blocked"
             state.detail = f"waits for its parent stage {parent_name} ({info['parent'][:8]}), which {which}"

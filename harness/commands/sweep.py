@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from harness.commands.run import missing_data
     from harness.errors import HarnessError
     from harness.launch import Variant, launch_variants, raise_for_failures
     from harness.launch.jobs import build_jobs
@@ -36,13 +35,13 @@ def main(args: argparse.Namespace) -> int:
     grids = [parse_grid(text) for text in args.grid]
     sweep = build_sweep(args.recipe, args.gin, grids)
     launcher = _launcher(args.launcher, args.dry_run)
-    check_wait(launcher, not args.no_wait)
+    check_wait(launcher, not args.no_wait)  # before the sweep record is written
     results_dir = Path(args.results_dir)
     variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
     jobs = build_jobs(variants, results_dir)
     problems: list[str] = []
     for v in sweep:
-        problems += [p for p in missing_data(v.plan, list(v.plan.stages), results_dir) if p not in problems]
+        problems += [p for p in v.plan.missing_data(results_dir) if p not in problems]
     if args.dry_run:
         print_dry_run(sweep, jobs, launcher.name)
         for problem in problems:
