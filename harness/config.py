@@ -173,6 +173,12 @@ def check_field_types(spec: Any, owner: str) -> None:
         if not ok:
             raise HarnessError(f"{owner}: {f.name} = {value!r} is not a valid {annotation.replace('|', ' | ')}; "
                                f"fix the binding (e.g. {type(spec).__name__}.{f.name} = {_EXAMPLES.get(base, '...')})")
+        # `grad_clip = 1` and `grad_clip = 1.0` are one setting: store floats as floats, so that both spellings
+        # describe (and hash to) the same stage
+        if base == "float" and not isinstance(value, float):
+            object.__setattr__(spec, f.name, float(value))
+        elif base == "tuple[float,float]":
+            object.__setattr__(spec, f.name, tuple(float(v) for v in value))
 
 
 def parse_gin_text(text: str) -> None:

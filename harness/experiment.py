@@ -111,6 +111,24 @@ class Stage:
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise HarnessError(f"stage '{self.name}': {key} must be at least 1, got {getattr(self, key)}")
+        for key, ok, rule in (("lr", self.lr > 0, "must be positive"),
+                              ("warmup_steps", self.warmup_steps >= 0, "must be 0 or more"),
+                              ("weight_decay", self.weight_decay >= 0, "must be 0 or more"),
+                              ("grad_clip", self.grad_clip >= 0, "must be 0 (off) or more"),
+                              ("ema_decay", 0 <= self.ema_decay <= 1, "must be between 0 and 1"),
+                              ("betas", all(0 <= b < 1 for b in self.betas), "must both be in [0, 1)"),
+                              ("sample_every", self.sample_every >= 0, "must be 0 (at the end only) or more"),
+                              ("num_sample_images", self.num_sample_images >= 0, "must be 0 (no grids) or more"),
+                              ("sample_steps", self.sample_steps >= 1, "must be at least 1")):
+            if not ok:
+                raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r} {rule}")
+        if self.data.resolution != self.model.img_size:  # else the first step fails, maybe after a long queue
+            raise HarnessError(f"stage '{self.name}': DataConfig.resolution = {self.data.resolution} but "
+                               f"UViTConfig.img_size = {self.model.img_size}; make them equal")
+        if self.model.num_classes > 0:  # the data carries no labels: label_emb would never be trained
+            raise HarnessError(f"stage '{self.name}': UViTConfig.num_classes = {self.model.num_classes}, but "
+                               "training takes no class labels; set it to 0 (class-conditional models can be "
+                               "converted, not trained)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise HarnessError(f"stage '{self.name}': micro_batch_size must be at least 1 (or None), got "
                                f"{self.micro_batch_size}")

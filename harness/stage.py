@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+from harness.checkpoint import checkpoint_path, is_valid, load_checkpoint, newest_valid_checkpoint
 from harness.config import operative_config
 from harness.errors import HarnessError
 from harness.experiment import DONE_MARKER, FAILED_MARKER, Plan, PlannedStage, plan_from_gin
@@ -32,16 +32,29 @@ def pick_device(rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _looks_like_maskdm(weights: Any) -> bool:
+    """A MaskDM reference file: its network tensors live under `model.encoder.` / `ema_model.model.`."""
+    return isinstance(weights, dict) and any(
+        isinstance(k, str) and k.startswith(("model.encoder.", "ema_model.", "online_model.", "encoder."))
+        for k in weights)
+
+
 def _weights_from(checkpoint: dict[str, Any], which: str, source: str) -> dict[str, torch.Tensor]:
     """Pick the raw or EMA weights out of a checkpoint (ours, or a plain state dict)."""
+    if which not in ("raw", "ema"):
+        raise HarnessError(f"init_from must be 'raw' or 'ema', got {which!r}")
+    if _looks_like_maskdm(checkpoint) or _looks_like_maskdm(checkpoint.get("model")):
+        raise HarnessError(f"{source} is a MaskDM reference checkpoint; convert it first with `harness convert "
+                           "import SRC DST` and point Stage.init_checkpoint at DST")
     if "model" in checkpoint or "ema" in checkpoint:
-        if which not in ("raw", "ema"):
-            raise HarnessError(f"init_from must be 'raw' or 'ema', got {which!r}")
         key = "model" if which == "raw" else "ema"
         if key not in checkpoint:
             raise HarnessError(f"{source} has no '{key}' weights (init_from = '{which}')")
         return checkpoint[key]
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        if which == "ema":  # a bare state dict holds one set of weights; which one, the file cannot say
+            raise HarnessError(f"{source} is a plain state dict, with no separate EMA weights; set "
+                               "Stage.init_from = 'raw' to start from the weights it holds")
         return checkpoint
     raise HarnessError(f"{source} is neither a harness checkpoint nor a state dict; convert it with "
                        "`harness convert` first")
@@ -55,9 +68,12 @@ def initial_weights(plan: Plan, planned: PlannedStage, results_dir: Path) -> tup
         if not (parent_dir / DONE_MARKER).is_file():
             raise HarnessError(f"stage '{spec.name}' needs its parent {parent_dir} to be finished first "
                                "(run the whole recipe, or its parent stage)")
-        path = newest_valid_checkpoint(parent_dir / "checkpoints")
-        if path is None:
-            raise HarnessError(f"the parent stage {parent_dir} is marked done but has no valid checkpoint")
+        # the parent's *final* weights: an older checkpoint would silently shorten the arm's pretraining
+        final_step = plan.stages[planned.parent].spec.steps
+        path = checkpoint_path(parent_dir / "checkpoints", final_step)
+        if not is_valid(path):
+            raise HarnessError(f"the parent stage {parent_dir} is marked done but its final checkpoint {path.name} "
+                               "is missing or corrupt; delete its DONE file to train the rest of it again")
         source = f"{path} ({spec.init_from} weights)"
         return _weights_from(load_checkpoint(path), spec.init_from, source), source
     if spec.init_checkpoint:
@@ -75,6 +91,40 @@ def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_tex
     atomic_write_text(run_dir / "config.gin", operative_config())  # rewritten at the end, when complete
 
 
+def _rank0_decides(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank (the value itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _record_or_check_data(data: Any, manifest_path: Path, resuming: bool) -> None:
+    """Write which images the stage trains on; on resume, refuse to go on when they are no longer the same.
+
+    The data is not part of the stage id (a folder may move between machines), so a resumed stage checks the
+    list of images it started with: another list would change every later batch and mix two datasets in one run.
+    File times are not compared: copying a dataset to a node's local disk changes them and nothing else.
+    """
+    manifest = None
+    if resuming and manifest_path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads(manifest_path.read_text())
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), list):
+        then, now = manifest["files"], data.names()
+        if then != now:
+            changed = next((f"image {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(then, now)) if a != b),
+                           f"{len(then)} images then, {len(now)} now")
+            raise HarnessError(f"the data of this stage changed since it started ({changed}; recorded in "
+                               f"{manifest_path}); restore the data, or delete {manifest_path.parent} to start "
+                               "the stage over")
+        return
+    data.write_manifest(manifest_path)
+
+
 def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event: Any = None) -> dict[str, Any]:
     """Train (or resume) one stage of the plan in `gin_text`; returns {"status": done|preempted|skipped, ...}."""
     from harness.train import TrainContext, Trainer, is_distributed
@@ -87,26 +137,31 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     spec = planned.spec
     run_dir = plan.stage_dir(results_dir, stage_id)
     summary = {"stage_id": stage_id, "name": spec.name, "dir": str(run_dir)}
-    if (run_dir / DONE_MARKER).is_file():
+    rank, world_size = is_distributed()
+    if _rank0_decides((run_dir / DONE_MARKER).is_file()):
         return {**summary, "status": "skipped"}
 
-    rank, world_size = is_distributed()
     is_main = rank == 0
     device = pick_device(rank)
     spec.data.check()
-    init_weights, init_source = initial_weights(plan, planned, results_dir)
+    # A stage resuming from its own checkpoint needs nothing from its parent (whose files may be gone by now).
+    resuming = newest_valid_checkpoint(run_dir / "checkpoints") is not None
+    init_weights, init_source = (None, "") if resuming else initial_weights(plan, planned, results_dir)
     # One writer per run folder: a second run of the same stage (two `harness run`s, overlapping sweeps) waits
     # here and then finds it done, instead of training beside the first and logging every row twice.
     lock = (exclusive_lock(run_dir / LOCK_FILE, f"stage {spec.name}: {run_dir} is in use by another process; "
                            "waiting for it to finish") if is_main else contextlib.nullcontext())
     with lock:
-        if (run_dir / DONE_MARKER).is_file():
+        # Only rank 0 holds the lock, so it decides for every rank (the others would wait in DDP's set-up
+        # for a rank 0 that has gone home).
+        if _rank0_decides((run_dir / DONE_MARKER).is_file()):
             return {**summary, "status": "skipped"}
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
             _write_stage_files(plan, planned, run_dir, gin_text)
-            spec.data.write_manifest(run_dir / "data_manifest.json")
+            _record_or_check_data(spec.data, run_dir / "data_manifest.json",
+                                  resuming=newest_valid_checkpoint(run_dir / "checkpoints") is not None)
 
         evaluate = None
         if spec.eval is not None:

@@ -342,24 +342,29 @@ class Trainer:
                             keep=self.spec.keep_checkpoints)
 
     def resume(self) -> bool:
+        """Continue from the newest valid checkpoint, if any; rows logged after it are about to be redone."""
         path = newest_valid_checkpoint(self.ctx.run_dir / "checkpoints")
-        if path is None:
-            return False
-        state = load_checkpoint(path, map_location=self.ctx.device)
-        if state.get("stage_id") != self.ctx.stage_id:
-            raise HarnessError(f"{path} belongs to stage {state.get('stage_id')}, not {self.ctx.stage_id}; "
-                               "move the folder away or delete it")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.cost.load_state_dict(state["cost"])
-        self.step = int(state["step"])
-        if self.ctx.is_main:  # rows logged after that checkpoint are about to be redone: drop them
-            metrics = self.ctx.run_dir / "metrics.jsonl"
-            rewrite_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step])
-        log.info("resumed stage %s from %s (step %d)", self.spec.name, path, self.step)
-        return True
+        if path is not None:
+            state = load_checkpoint(path, map_location=self.ctx.device)
+            if state.get("stage_id") != self.ctx.stage_id:
+                raise HarnessError(f"{path} belongs to stage {state.get('stage_id')}, not {self.ctx.stage_id}; "
+                                   "move the folder away or delete it")
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.cost.load_state_dict(state["cost"])
+            self.step = int(state["step"])
+            log.info("resumed stage %s from %s (step %d)", self.spec.name, path, self.step)
+        if self.ctx.is_main:
+            # A crash before the first checkpoint starts over from step 0: its rows go too. Evaluations after
+            # the checkpoint scored weights the rerun may not reproduce bit for bit (GPU kernels): redone too.
+            # (Rewriting also drops a line torn by a kill mid-append.)
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                if (self.ctx.run_dir / name).is_file():
+                    rows = read_jsonl(self.ctx.run_dir / name)
+                    rewrite_jsonl(self.ctx.run_dir / name, [r for r in rows if r.get("step", 0) <= self.step])
+        return path is not None
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -370,6 +375,15 @@ class Trainer:
             self._measure_cost_per_step()
         evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / "eval.jsonl") if "step" in r}
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
+        # A run stopped while sampling or scoring right after a checkpoint resumes *after* that step: do the
+        # grid and the evaluation that step owes before going on (the loop below only looks ahead).
+        if 0 < self.step < spec.steps:
+            grid = ctx.run_dir / "samples" / f"step_{self.step:07d}.png"
+            if spec.sample_every and self.step % spec.sample_every == 0 and not grid.is_file():
+                self.write_sample_grid()
+            if self.step in eval_steps and self.step not in evaluated:
+                self._evaluate()
+                evaluated.add(self.step)
         progress = _Progress(spec, self.step, enabled=ctx.is_main)
         # images/s over training time only: checkpoints, sample grids and evaluations do not dilute it
         last_time, last_step = self.cost.train_seconds, self.step

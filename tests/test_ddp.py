@@ -111,3 +111,26 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
 
     assert losses(tmp_path / "ddp") and losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"),
                                                                                   rel=1e-5)
+
+
+def _decide(rank: int, world_size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from harness.stage import _rank0_decides
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        # rank 0 holds the stage's lock and finds it DONE; rank 1 looked before the other run finished it
+        Path(out.format(rank=rank)).write_text(str(_rank0_decides(rank == 0)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_follows_rank_0s_decision_to_skip_a_finished_stage(tmp_path):
+    """Only rank 0 takes the stage's lock: had the other ranks decided on their own, a rank that saw no DONE
+    would wait in DDP's set-up for a rank 0 that had gone home (until the 6 h process-group timeout)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "decision_{rank}")
+    mp.spawn(_decide, args=(2, _free_port(), out), nprocs=2, join=True)
+    assert [Path(out.format(rank=r)).read_text() for r in (0, 1)] == ["True", "True"]

@@ -156,6 +156,12 @@ def test_every_shipped_recipe_dry_runs(recipe, tmp_path, capsys):
     ("Experiment.name = '../escape'", "not allowed"),
     ("Experiment.arms = {}", "declares no arms"),
     ("BlockMask.block_size = 3", "block"),
+    ("Stage.lr = -1e-4", "lr = -0.0001 must be positive"),
+    ("Stage.warmup_steps = -10", "warmup_steps = -10 must be 0 or more"),
+    ("Stage.ema_decay = 1.5", "ema_decay = 1.5 must be between 0 and 1"),
+    ("Stage.sample_every = -3", "sample_every = -3 must be 0"),
+    ("UViTConfig.num_classes = 2", "training takes no class labels"),
+    ("DataConfig.resolution = 16", "DataConfig.resolution = 16 but UViTConfig.img_size = 32; make them equal"),
 ])
 def test_bad_recipes_fail_in_one_line_with_status_2(tiny_recipe, tmp_path, capsys, binding, message):
     results = tmp_path / "results"
@@ -201,3 +207,111 @@ def test_draw_gives_the_visible_indices_of_the_steps_mask(tiny_recipe, tmp_path)
     assert all(bool((row[1:] > row[:-1]).all()) for row in visible)  # ascending, as visible_indices gives them
     unmasked = Trainer(TrainContext(spec=specs["finetune"], stage_id="y", run_dir=tmp_path, device=cpu))
     assert unmasked.draw(0)[3] is None
+
+
+def test_a_child_refuses_a_parent_whose_final_checkpoint_is_spoilt(tiny_recipe, tmp_path):
+    """An older parent checkpoint would silently shorten the arm's pretraining: the child must stop instead."""
+    text, plan = _plan(tiny_recipe)
+    pre, fine = plan.arms["two_stage"]
+    results = tmp_path / "results"
+    run_stage(text, pre, results)
+    final = plan.stage_dir(results, pre) / "checkpoints" / "step_0000008.pt"
+    data = bytearray(final.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    final.write_bytes(bytes(data))
+    assert newest_valid_checkpoint(final.parent).name == "step_0000004.pt"  # what the child used to take
+    with pytest.raises(HarnessError, match="final checkpoint step_0000008.pt is missing or corrupt"):
+        run_stage(text, fine, results)
+
+
+def test_a_resumed_child_no_longer_needs_its_parents_checkpoints(tiny_recipe, tmp_path):
+    import shutil
+
+    text, plan = _plan(tiny_recipe, "finetune/Stage.checkpoint_every = 1")
+    pre, fine = plan.arms["two_stage"]
+    results = tmp_path / "results"
+    run_stage(text, pre, results)
+
+    class StopAfterTwo:
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 2
+
+    assert run_stage(text, fine, results, stop_event=StopAfterTwo())["status"] == "preempted"
+    shutil.rmtree(plan.stage_dir(results, pre) / "checkpoints")  # cleaned up, or on another machine's disk
+    assert run_stage(text, fine, results)["status"] == "done"
+
+
+def _write_images(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 16), (10 * i, 100, 200)).save(folder / name)
+
+
+def test_a_stage_will_not_resume_on_other_images_than_it_started_with(tiny_recipe, tmp_path):
+    """The data is not in the stage id (folders move between machines), so a resumed stage compares its image
+    list with the one it recorded; copies that only change file times resume."""
+    import os
+
+    images = tmp_path / "images"
+    _write_images(images, [f"img{i:02d}.png" for i in range(12)])
+    text, plan = _plan(tiny_recipe, "DataConfig.source = 'folder'", f"DataConfig.root = '{images}'",
+                       "scratch/Stage.checkpoint_every = 1")
+    sid = plan.arms["scratch"][0]
+    results = tmp_path / "results"
+
+    class StopAfter:
+        def __init__(self, steps):
+            self.calls, self.steps = 0, steps
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > self.steps
+
+    assert run_stage(text, sid, results, stop_event=StopAfter(2))["status"] == "preempted"
+    for path in images.iterdir():  # a copy to a node's local disk: new times, same files
+        os.utime(path, (1e9, 1e9))
+    assert run_stage(text, sid, results, stop_event=StopAfter(2))["status"] == "preempted"
+    (images / "img03.png").unlink()
+    _write_images(images, ["zzz.png"])
+    with pytest.raises(HarnessError, match="data of this stage changed since it started .image 3: img03.png then"):
+        run_stage(text, sid, results)
+    manifest = json.loads((plan.stage_dir(results, sid) / "data_manifest.json").read_text())
+    assert "img03.png" in manifest["files"]  # still the record of what the stage trained on
+
+
+def test_external_weights_the_stage_cannot_use_are_refused_with_the_fix():
+    from harness.stage import _weights_from
+
+    plain = {"pos_embed": torch.zeros(2)}
+    assert _weights_from(plain, "raw", "f.pt") is plain
+    with pytest.raises(HarnessError, match="plain state dict, with no separate EMA weights; set Stage.init_from"):
+        _weights_from(plain, "ema", "f.pt")
+    maskdm = {"step": 3, "model": {"model.encoder.norm.weight": torch.zeros(2)}, "ema": {}}
+    with pytest.raises(HarnessError, match="MaskDM reference checkpoint; convert it first with `harness convert"):
+        _weights_from(maskdm, "raw", "f.pt")
+
+
+def test_float_settings_written_as_integers_are_the_same_stage(tiny_recipe):
+    _, plan_float = _plan(tiny_recipe, "Stage.grad_clip = 1.0", "Stage.weight_decay = 0.0")
+    _, plan_int = _plan(tiny_recipe, "Stage.grad_clip = 1", "Stage.weight_decay = 0")
+    assert list(plan_float.stages) == list(plan_int.stages)
+    assert all(isinstance(ps.spec.grad_clip, float) for ps in plan_int.stages.values())
+
+
+def test_the_transfer_recipe_follows_the_reference_transfer_configs():
+    """MaskDM's configs/transfer: vggface2_small_90p.yml pretrains (batch 256, lr 2e-4, clip 1.0, no flips);
+    celebahq_small_0.1.yml fine-tunes on 3000 CelebA-HQ images (batch 64, lr 5e-5, no clipping, no warm-up,
+    flips at p = 0.5); the scratch arm trains like the fine-tuning."""
+    _, plan = _plan(RECIPES_DIR / "vggface2_to_celebahq3k.gin")
+    specs = {ps.name: ps.spec for ps in plan.stages.values()}
+    pre = specs["pretrain"]
+    assert (pre.batch_size, pre.lr, pre.grad_clip, pre.data.hflip) == (256, 2e-4, 1.0, False)
+    for name in ("finetune", "scratch"):
+        spec = specs[name]
+        assert (spec.batch_size, spec.lr, spec.grad_clip, spec.warmup_steps, spec.data.hflip, spec.data.subset) \
+            == (64, 5e-5, 0.0, 0, True, 3000), name

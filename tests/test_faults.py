@@ -523,3 +523,76 @@ def test_fp16_overflow_is_left_to_the_grad_scaler_not_stopped(reference, tmp_pat
     loss, norm = trainer.train_step(2)
     assert math.isfinite(loss) and math.isfinite(norm)
     assert any(not torch.equal(trainer.model.state_dict()[n], t) for n, t in weights.items())
+
+
+# ------------------------------------------------------------------------------------- resume bookkeeping
+
+
+def _with(reference: Reference, tmp_path: Path, *bindings: str) -> tuple[str, str, Path]:
+    """The micro recipe with `bindings`: (gin text, stage id, stage folder under tmp_path/results)."""
+    text = load_recipe(reference.recipe, list(bindings))
+    plan = plan_from_gin()
+    sid = plan.arms["scratch"][0]
+    return text, sid, plan.stage_dir(tmp_path / "results", sid)
+
+
+@pytest.fixture
+def fake_scores(monkeypatch):
+    """Replace FID scoring by a row per evaluated step; the first call can be made to crash."""
+    import harness.evaluate
+
+    calls: list[int] = []
+    crash_first = {"on": False}
+
+    def evaluate_stage(ema, diffusion, data, cfg, step, run_dir, device, extra=None):
+        calls.append(step)
+        if crash_first["on"] and len(calls) == 1:
+            raise Crash()
+        fileio.append_jsonl(Path(run_dir) / "eval.jsonl", {"step": step, "frechet_inception_distance": 1.0})
+
+    monkeypatch.setattr(harness.evaluate, "evaluate_stage", evaluate_stage)
+    return calls, crash_first
+
+
+def test_an_evaluation_cut_short_right_after_a_checkpoint_is_done_on_resume(reference, tmp_path, fake_scores):
+    """Step 2 is checkpointed, then its evaluation dies: the rerun resumes *at* step 2 and must still score it."""
+    calls, crash_first = fake_scores
+    crash_first["on"] = True
+    text, sid, stage_dir = _with(reference, tmp_path, "Stage.eval = @EvalConfig()", "EvalConfig.steps = (2,)")
+    with pytest.raises(Crash):
+        run_stage(text, sid, tmp_path / "results")
+    assert newest_valid_checkpoint(stage_dir / "checkpoints").name == "step_0000002.pt"
+    assert run_stage(text, sid, tmp_path / "results")["status"] == "done"
+    assert calls == [2, 2, STEPS]
+    assert [row["step"] for row in read_jsonl(stage_dir / "eval.jsonl")] == [2, STEPS]
+
+
+def test_rows_logged_after_the_resumed_checkpoint_are_redone_once(reference, tmp_path, fake_scores):
+    """An evaluation row newer than the checkpoint a run resumes from scored weights the rerun recomputes: it
+    is dropped and scored again, so each step has one row, from the run that goes on."""
+    calls, _ = fake_scores
+    text, sid, stage_dir = _with(reference, tmp_path, "Stage.eval = @EvalConfig()", "EvalConfig.steps = (4,)")
+    assert run_stage(text, sid, tmp_path / "results", stop_event=StopAfter(3))["status"] == "preempted"
+    fileio.append_jsonl(stage_dir / "eval.jsonl", {"step": 4, "frechet_inception_distance": 99.0})  # stale
+    assert run_stage(text, sid, tmp_path / "results")["status"] == "done"
+    assert calls == [4, STEPS]
+    rows = read_jsonl(stage_dir / "eval.jsonl")
+    assert [(r["step"], r["frechet_inception_distance"]) for r in rows] == [(4, 1.0), (STEPS, 1.0)]
+    assert logged_steps(stage_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_log_its_steps_twice(reference, tmp_path):
+    class DieAfter(StopAfter):
+        def is_set(self) -> bool:
+            if super().is_set():
+                raise Crash()
+            return False
+
+    text, sid, stage_dir = _with(reference, tmp_path, "Stage.checkpoint_every = 100")
+    with pytest.raises(Crash):
+        run_stage(text, sid, tmp_path / "results", stop_event=DieAfter(3))
+    assert logged_steps(stage_dir) == [1, 2, 3] and newest_valid_checkpoint(stage_dir / "checkpoints") is None
+    assert run_stage(text, sid, tmp_path / "results")["status"] == "done"
+    assert logged_steps(stage_dir) == list(range(1, STEPS + 1))
+    final = load_checkpoint(checkpoint_path(stage_dir / "checkpoints", STEPS))
+    assert_same_training_state(final, reference.state)  # checkpoint_every changes the files, not the training
