@@ -2,11 +2,12 @@
 
 For each budget (total steps, images seen, training FLOPs, device-hours) the report lists budget *levels* and,
 for every arm, the evaluation nearest at or below each level (so an arm is never credited with cost it has not
-paid), its FID/KID and the relative FID change against the reference arm ('scratch', else the first arm):
-negative = lower FID than the reference at no more cost. Levels are the reference arm's evaluation points plus
-every arm's final evaluation. Arms with the same name and configuration but different seeds (sweep points) are
-pooled: mean, sample std and count. Output: a rich table on the terminal, report.md, and a self-contained
-report.html (figures embedded as base64 PNG), with the figures also saved under figures/.
+paid), its FID/KID and the relative FID change against the reference arm ('scratch', else the first arm) of
+the same sweep point: negative = lower FID than the reference at no more cost. Levels are the reference arm's
+evaluation points plus every arm's final (or, while unfinished, latest) evaluation. Arms with the same name and
+configuration but different seeds (sweep points) are pooled: mean, sample std and count. Output: a rich table
+on the terminal, report.md, and a self-contained report.html (figures embedded as base64 PNG), with the figures
+also saved under figures/.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import base64
 import html
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,18 +102,47 @@ def _flatten(value: object, prefix: str) -> dict[str, object]:
 
 def _arm_signature(plan: dict, arm: str) -> dict[str, object]:
     """The arm's stage chain as flat `stage.key -> value`, seeds and ids left out (what seeds share): the plan's
-    summary keys (short names for labels), then every other setting of the stage's full config (plan.json's
-    `config`; plans written before it had one compare on the summary alone)."""
+    summary keys (short names for labels), then every setting of the stage's full config (plan.json's `config`;
+    plans written before it had one compare on the summary alone) that the summary does not already hold."""
     flat: dict[str, object] = {}
     for sid in plan["arms"][arm]:
         stage = plan["stages"][sid]
         for key, value in stage.items():
             if key not in ("id", "parent", "arms", "dir", "seed", "config"):
                 flat[f"{stage['name']}.{key}"] = json.dumps(value, sort_keys=True)
-        for key, value in _flatten(stage.get("config") or {}, stage["name"]).items():
-            if key.split(".")[1] not in stage:  # steps, lr, mask, model, data ... are there under short names
-                flat[key] = json.dumps(value, sort_keys=True)
+        for key, value in (stage.get("config") or {}).items():
+            # steps, lr, model, data are there verbatim; the summary's `mask` is only a name (its ratio is the
+            # actual one), so two masks of another requested ratio must be compared on the config
+            if stage.get(key) != value:
+                for flat_key, item in _flatten(value, f"{stage['name']}.{key}").items():
+                    flat[flat_key] = json.dumps(item, sort_keys=True)
     return flat
+
+
+def _label_rank(key: str) -> int:
+    """Where `stage.setting[.field]` comes in a label: what a sweep usually varies first."""
+    setting = key.split(".")[1]
+    return _LABEL_PRIORITY.index(setting) if setting in _LABEL_PRIORITY else len(_LABEL_PRIORITY)
+
+
+def _with_setting(label: str, setting: str) -> str:
+    """'two_stage' -> 'two_stage [x]', 'two_stage [a=1]' -> 'two_stage [a=1, x]'."""
+    return f"{label[:-1]}, {setting}]" if label.endswith("]") else f"{label} [{setting}]"
+
+
+def _split_same_seeds(labels: dict[tuple[str, str], str], plans: dict[str, dict]) -> dict[tuple[str, str], str]:
+    """A label over two different stage chains with the same seeds is not seeds of one arm, whatever the
+    signatures show (e.g. plans written before `config`, which cannot tell such runs apart): name each member."""
+    chains: dict[str, dict[tuple, set[tuple[str, ...]]]] = {}
+    for (member, arm), label in labels.items():
+        ids = tuple(plans[member]["arms"][arm])
+        seeds = tuple(plans[member]["stages"][sid].get("seed") for sid in ids)
+        chains.setdefault(label, {}).setdefault(seeds, set()).add(ids)  # identical ids: one run, not two
+    clashing = {label for label, by_seeds in chains.items() if any(len(ids) > 1 for ids in by_seeds.values())}
+    names = [Path(m).name for m in dict.fromkeys(m for m, _ in labels)]
+    unique = len(set(names)) == len(names)  # else nested sweeps: the folder name alone could merge them again
+    return {(member, arm): _with_setting(label, f"experiment={Path(member).name if unique else member}")
+            if label in clashing else label for (member, arm), label in labels.items()}
 
 
 def _group_labels(plans: dict[str, dict]) -> dict[tuple[str, str], str]:
@@ -125,9 +156,7 @@ def _group_labels(plans: dict[str, dict]) -> dict[tuple[str, str], str]:
         if not differing:
             labels[(member, arm)] = arm
             continue
-        # what a sweep usually varies first, then the stage order of the arm
-        differing.sort(key=lambda k: _LABEL_PRIORITY.index(k.rsplit(".", 1)[1])
-                       if k.rsplit(".", 1)[1] in _LABEL_PRIORITY else len(_LABEL_PRIORITY))
+        differing.sort(key=_label_rank)  # stable: then the stage order of the arm
         shown = ", ".join(f"{k}={json.loads(sig[k])}" for k in differing[:2])
         labels[(member, arm)] = f"{arm} [{shown}{', ...' if len(differing) > 2 else ''}]"
     # a shortened label must not merge two different configurations: spell those out in full
@@ -138,7 +167,7 @@ def _group_labels(plans: dict[str, dict]) -> dict[tuple[str, str], str]:
         if len(by_label[label]) > 1:
             sig = signatures[(member, arm)]
             labels[(member, arm)] = f"{arm} [" + ", ".join(f"{k}={json.loads(v)}" for k, v in sig.items()) + "]"
-    return labels
+    return _split_same_seeds(labels, plans)
 
 
 def _arm_status(stages: pd.DataFrame) -> str:
@@ -156,11 +185,29 @@ class Data:
     """Everything a report is made of: the records of its experiment(s) with a `group` label per arm."""
 
     records: pd.DataFrame  # with columns member, group
-    reference: str  # the group every other is compared with
+    reference: str  # the arm every other is compared with ('scratch', else the first arm)
     status: dict[str, list[str]]  # group -> status of each member
     stage_dirs: dict[tuple[str, str], Path]  # (member, stage_id) -> run folder
     # group -> the external checkpoints (Stage.init_checkpoint) its stages start from: work the records cannot cost
     external: dict[str, list[str]] = field(default_factory=dict)
+    # group -> the reference arm's groups at its sweep points (a reference group: itself); one = comparable
+    references: dict[str, list[str]] = field(default_factory=dict)
+
+    def reference_of(self, group: str) -> str | None:
+        """The reference group `group` is compared with, or None: no sweep point of it has the reference arm,
+        or its sweep points have different ones (any choice would compare with another configuration)."""
+        candidates = self.references.get(group, [])
+        return candidates[0] if len(candidates) == 1 else None
+
+    def reference_groups(self) -> list[str]:
+        return [g for g, refs in self.references.items() if refs == [g]]
+
+    def is_done(self, group: str) -> bool:
+        return all(s == "done" for s in self.status[group])
+
+    def end_label(self, group: str) -> str:
+        """How a group's last evaluation is named: 'final' only once every run of it is done."""
+        return f"{group} final" if self.is_done(group) else f"{group} latest"
 
 
 def load_data(experiment_dirs: list[Path]) -> Data:
@@ -183,7 +230,7 @@ def load_data(experiment_dirs: list[Path]) -> Data:
     keep = [(g, m) not in dropped for g, m in zip(records.group, records.member)]
     records = records[keep].reset_index(drop=True)
     groups = list(dict.fromkeys(records.group))
-    reference = next((g for g in groups if g == "scratch" or g.startswith("scratch [")), groups[0])
+    reference = "scratch" if (records.arm == "scratch").any() else str(records.arm.iloc[0])
     status = {g: [_arm_status(d) for _, d in records[records.group == g].groupby("member", sort=False)]
               for g in groups}
     external: dict[str, list[str]] = {}
@@ -192,7 +239,20 @@ def load_data(experiment_dirs: list[Path]) -> Data:
             path = (plans[member]["stages"][sid].get("config") or {}).get("init_checkpoint")
             if path and group in groups and path not in external.setdefault(group, []):
                 external[group].append(path)
-    return Data(records, reference, status, stage_dirs, {g: paths for g, paths in external.items() if paths})
+    return Data(records, reference, status, stage_dirs, {g: paths for g, paths in external.items() if paths},
+                _references(labels, reference, groups))
+
+
+def _references(labels: dict[tuple[str, str], str], reference: str, groups: list[str]) -> dict[str, list[str]]:
+    """group -> the labels of the reference arm in the members (sweep points) holding it. Matching by member
+    compares each variant with the scratch run of its own sweep point, e.g. batch 20 with batch 20; a scratch
+    shared by several points (a mask sweep) carries one label there, so they all find it."""
+    found: dict[str, list[str]] = {g: [] for g in groups}
+    for (member, arm), group in labels.items():
+        ref = group if arm == reference else labels.get((member, reference))
+        if group in found and ref in groups and ref not in found[group]:
+            found[group].append(ref)
+    return found
 
 
 def _evals(data: Data, metric: str) -> pd.DataFrame:
@@ -252,19 +312,22 @@ def last_evals(points: pd.DataFrame) -> list[pd.Series]:
     return [p.sort_values("total_steps").iloc[-1] for _, p in points.groupby("member", sort=False)]
 
 
-def budget_levels(evals: pd.DataFrame, reference: str, column: str) -> list[tuple[float, list[str]]]:
-    """(level, where it comes from): the reference arm's evaluation points, then every arm's final one. Seeds of
-    an arm spend a little more or less device time for the same steps: a level is the costliest seed's figure,
-    so that every seed's own evaluation at that point lies within it (with the mean, a seed above it would be
-    read at its previous evaluation, or not at all)."""
+def budget_levels(evals: pd.DataFrame, references: Collection[str], column: str,
+                  unfinished: Collection[str] = ()) -> list[tuple[float, list[str]]]:
+    """(level, where it comes from): the reference groups' evaluation points, then every arm's final one ('latest'
+    for the `unfinished` groups: it is not their full budget). Seeds of an arm spend a little more or less device
+    time for the same steps: a level is the costliest seed's figure, so that every seed's own evaluation at that
+    point lies within it (with the mean, a seed above it would be read at its previous evaluation, or not at
+    all)."""
     levels: dict[float, list[str]] = {}
-    ref = evals[evals.group == reference].groupby(["stage_index", "step"])[column].max()
-    for (_, step), x in ref.dropna().items():
-        levels.setdefault(float(x), []).append(f"{reference} eval")
+    for reference in references:
+        ref = evals[evals.group == reference].groupby(["stage_index", "step"])[column].max()
+        for (_, step), x in ref.dropna().items():
+            levels.setdefault(float(x), []).append(f"{reference} eval")
     for group, points in evals.groupby("group", sort=False):
         x = pd.Series([row[column] for row in last_evals(points)], dtype=float).max()
         if not pd.isna(x):
-            levels.setdefault(float(x), []).append(f"{group} final")
+            levels.setdefault(float(x), []).append(f"{group} {'latest' if group in unfinished else 'final'}")
     merged: list[tuple[float, list[str]]] = []
     for x in sorted(levels):
         if merged and abs(x - merged[-1][0]) <= _REL_TOL * max(abs(x), 1.0):
@@ -286,30 +349,52 @@ def matched_table(data: Data, metric: str, budget: str) -> tuple[Table, list[str
     cols += [other.upper()] if other else []
     table = Table(f"{metric.upper()} at equal {label}", cols + [f"vs {data.reference}"],
                   note=f"Each arm's evaluation nearest at or below the budget level; the change is relative to "
-                       f"'{data.reference}' at the same level (negative = lower {metric.upper()}).")
+                       f"'{data.reference}' of the same sweep point at the same level (negative = lower "
+                       f"{metric.upper()}; 'no match': no such '{data.reference}', see the summary).")
+    unfinished = [g for g in groups if not data.is_done(g)]
     conclusions = []
-    for level, sources in budget_levels(evals, data.reference, column):
-        source = ", ".join(sources)
+    for level, sources in budget_levels(evals, data.reference_groups(), column, unfinished):
         cells = {g: pooled_cell(data, evals, g, column, level, other) for g in groups}
-        ref = cells[data.reference]
         for g, c in cells.items():
             state = "" if not c.marks else f" ({c.marks})"
-            row = [fmt_budget(budget, level), source, g + state, c.where or "—", fmt_budget(budget, c.budget),
-                   fmt_value(c.mean, c.std, c.n)]
+            row = [fmt_budget(budget, level), ", ".join(sources), g + state, c.where or "—",
+                   fmt_budget(budget, c.budget), fmt_value(c.mean, c.std, c.n)]
             row += [fmt_value(c.second)] if other else []
-            table.rows.append(row + ["—" if g == data.reference else fmt_relative(c.mean, ref.mean)])
-        for g, c in cells.items():
-            # the headline comparisons: with the reference's whole budget, and with this arm's whole budget
-            headline = {f"{data.reference} final", f"{g} final"} & set(sources)
-            if g != data.reference and headline and not pd.isna(c.mean) and not pd.isna(ref.mean):
-                whose = " = ".join(sorted(h.removesuffix(" final") for h in headline))
-                better = g if c.mean < ref.mean else data.reference
-                unfinished = f" [{g} {c.marks}]" if c.marks else ""
-                conclusions.append(
-                    f"Equal {label}, {whose}'s full budget ({fmt_budget(budget, level)}): {g} {metric.upper()} "
-                    f"{fmt_value(c.mean)} vs {data.reference} {fmt_value(ref.mean)} -> "
-                    f"{fmt_relative(c.mean, ref.mean)} ({better} lower){unfinished}.")
+            table.rows.append(row + [_versus(data, g, {k: v.mean for k, v in cells.items()})])
+        for g in groups:
+            line = _conclusion(data, cells, g, sources, f"Equal {label}", fmt_budget(budget, level), metric)
+            conclusions += [line] if line else []
     return table, list(dict.fromkeys(conclusions))
+
+
+def _versus(data: Data, group: str, means: dict[str, float]) -> str:
+    """The 'vs scratch' cell: '—' for a reference itself, 'no match' where no scratch run is comparable."""
+    ref = data.reference_of(group)
+    if ref == group:
+        return "—"
+    return "no match" if ref is None else fmt_relative(means[group], means[ref])
+
+
+def _conclusion(data: Data, cells: dict[str, Cell], group: str, sources: list[str], equal: str, level: str,
+                metric: str) -> str | None:
+    """The headline comparison of `group` with its reference at a level that is either one's whole budget (or
+    latest evaluation, while unfinished), with the unfinished runs of both named."""
+    ref = data.reference_of(group)
+    if ref is None or ref == group:
+        return None
+    c, r = cells[group], cells[ref]
+    ends = [name for name in sorted({ref, group}) if data.end_label(name) in sources]
+    if not ends or pd.isna(c.mean) or pd.isna(r.mean):
+        return None
+    done = [n for n in ends if data.is_done(n)]
+    so_far = [n for n in ends if not data.is_done(n)]
+    whose = " = ".join(([" = ".join(done) + "'s full budget"] if done else [])
+                       + ([" = ".join(so_far) + "'s latest evaluation"] if so_far else []))
+    marks = "; ".join(f"{name} {cell.marks}" for name, cell in ((group, c), (ref, r)) if cell.marks)
+    better = group if c.mean < r.mean else ref
+    return (f"{equal}, {whose} ({level}): {group} {metric.upper()} {fmt_value(c.mean)} vs {ref} "
+            f"{fmt_value(r.mean)} -> {fmt_relative(c.mean, r.mean)} ({better} lower)"
+            + (f" [{marks}]." if marks else "."))
 
 
 def final_table(data: Data, metric: str) -> Table:
@@ -317,15 +402,15 @@ def final_table(data: Data, metric: str) -> Table:
     groups = list(dict.fromkeys(data.records.group))
     table = Table(f"Final {metric.upper()} per arm", ["arm", "status", "evaluation", "total steps", "images",
                                                        "FLOPs", "device-hours", metric.upper(), f"vs {data.reference}"],
-                  note="The last evaluation of each arm, with its cumulative cost (pretraining included).")
+                  note=f"The last evaluation of each arm, with its cumulative cost (pretraining included); the change "
+                       f"is relative to the last evaluation of '{data.reference}' of the same sweep point.")
     finals = {g: last_evals(evals[evals.group == g]) for g in groups}
-    ref_values = [float(r.value) for r in finals.get(data.reference, [])]
-    ref_mean = sum(ref_values) / len(ref_values) if ref_values else math.nan
+    means = {g: sum(float(r.value) for r in last) / len(last) if last else math.nan for g, last in finals.items()}
     for g in groups:
         status = "/".join(sorted(set(data.status[g])))
         last = finals[g]
         if not last:
-            table.rows.append([g, status] + ["—"] * 7)
+            table.rows.append([g, status] + ["—"] * 6 + ["—" if data.reference_of(g) else "no match"])
             continue
         frame = pd.DataFrame(last)
         mean = frame.value.mean()
@@ -334,8 +419,22 @@ def final_table(data: Data, metric: str) -> Table:
             fmt_budget("steps", frame.total_steps.astype(float).mean()), fmt_budget("images", frame.images_seen.mean()),
             fmt_budget("flops", frame.train_flops.mean()), fmt_budget("hours", frame.device_hours.mean()),
             fmt_value(mean, frame.value.std() if len(frame) > 1 else math.nan, len(frame)),
-            "—" if g == data.reference else fmt_relative(mean, ref_mean)])
+            _versus(data, g, means)])
     return table
+
+
+def _unmatched_lines(data: Data) -> list[str]:
+    """Why an arm has no 'vs scratch' figures: comparing it with another sweep point's scratch would mislead."""
+    lines = []
+    for group, refs in data.references.items():
+        if len(refs) == 1:
+            continue
+        if not refs:
+            lines.append(f"Arm '{group}' is not compared: none of its sweep points has a '{data.reference}' arm.")
+        else:
+            lines.append(f"Arm '{group}' is not compared: its runs come from sweep points with different "
+                         f"'{data.reference}' arms ({', '.join(refs)}).")
+    return lines
 
 
 def build_report(data: Data, title: str, metric: str = "fid", budgets: list[str] | None = None) -> Report:
@@ -347,6 +446,7 @@ def build_report(data: Data, title: str, metric: str = "fid", budgets: list[str]
     for group, paths in data.external.items():  # e.g. fine-tuning a released MaskDM checkpoint
         summary.append(f"Arm '{group}' starts from an external checkpoint ({', '.join(paths)}): what training it "
                        "cost is not in its budgets, so matched-budget comparisons flatter this arm.")
+    summary += _unmatched_lines(data)
     tables = [final_table(data, metric)]
     for budget in budgets or list(BUDGETS):
         table, conclusions = matched_table(data, metric, budget)

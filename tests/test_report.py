@@ -34,7 +34,7 @@ def test_relative_change_is_formatted_like_the_paper():
 
 def test_budget_levels_are_reference_evals_plus_each_final(tmp_path):
     data = load_data([standard_experiment(tmp_path).dir])
-    levels = budget_levels(evals_of(data), "scratch", "device_hours")
+    levels = budget_levels(evals_of(data), ["scratch"], "device_hours")
     assert [x for x, _ in levels] == pytest.approx([0.025, 0.05, 0.07, 0.075, 0.1])
     assert levels[2][1] == ["two_stage final"]
     assert levels[4][1] == ["scratch eval", "scratch final"]
@@ -156,7 +156,7 @@ def test_a_final_level_holds_every_seeds_final_evaluation(tmp_path):
         exp.finish(sid)
         dirs.append(exp.dir)
     data = load_data(dirs)
-    levels = dict((round(x, 6), sources) for x, sources in budget_levels(evals_of(data), "scratch", "device_hours"))
+    levels = dict((round(x, 6), sources) for x, sources in budget_levels(evals_of(data), ["scratch"], "device_hours"))
     assert levels[0.8] == ["scratch eval", "scratch final"] and 0.4 in levels  # the costlier seed's figures
     cell = pooled_cell(data, evals_of(data), "scratch", "device_hours", 0.8, None)
     assert (cell.mean, cell.n, cell.where) == (42.0, 2, "train@1000")
@@ -242,3 +242,133 @@ def test_to_html_escapes_text(tmp_path):
     data = load_data([standard_experiment(tmp_path).dir])
     report = build_report(data, "<script>", budgets=["steps"])
     assert "<script>" not in to_html(report)
+
+
+def batch_size_sweep(root, points=((10, 30.0, 25.0), (20, 15.0, 20.0)), arms=("scratch", "two_stage")):
+    """A sweep over a setting that reaches both arms (`--grid 'Stage.batch_size=[10,20]'`): each point has its
+    own scratch run, with FIDs (batch, scratch final, two_stage final)."""
+    dirs = []
+    for bs, scratch_fid, two_stage_fid in points:
+        exp = SyntheticExperiment(root, f"bs{bs}-{'+'.join(arms)}")
+        if "scratch" in arms:
+            s = exp.stage(f"{bs:02d}scratch0000000", StageSpec(["scratch"], "train", None, 1000, bs))
+            exp.evaluate(s, 1000, scratch_fid)
+            exp.finish(s)
+        p = exp.stage(f"{bs:02d}pretrain000000", StageSpec(["two_stage"], "pretrain", None, 500, bs, mask="block4",
+                                                           mask_ratio=0.875))
+        exp.finish(p)
+        f = exp.stage(f"{bs:02d}finetune000000", StageSpec(["two_stage"], "finetune", p, 500, bs))
+        exp.evaluate(f, 500, two_stage_fid)
+        exp.finish(f)
+        dirs.append(exp.dir)
+    return dirs
+
+
+BS10, BS20 = "two_stage [pretrain.batch_size=10, finetune.batch_size=10]", \
+    "two_stage [pretrain.batch_size=20, finetune.batch_size=20]"
+
+
+def test_each_arm_is_compared_with_the_scratch_of_its_own_sweep_point(tmp_path):
+    """At batch 20, two_stage FID 20 vs its own scratch's 15 is +33.3%, not -33.3% against batch 10's scratch."""
+    data = load_data(batch_size_sweep(tmp_path / "sweep"))
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert [rows[g][8] for g in (BS10, BS20, "scratch [train.batch_size=20]")] == ["-16.7%", "+33.3%", "—"]
+    table, conclusions = matched_table(data, "fid", "steps")
+    assert rows_at(table, "1,000", BS20)[-1] == "+33.3%"
+    assert rows_at(table, "1,000", "scratch [train.batch_size=20]")[-1] == "—"
+    assert any(f"{BS20} FID 20.00 vs scratch [train.batch_size=20] 15.00 -> +33.3% "
+               "(scratch [train.batch_size=20] lower)." in c for c in conclusions)
+    assert data.reference_of(BS20) == "scratch [train.batch_size=20]"
+    assert not any(f"{BS20} FID" in c and "batch_size=10]" in c.split(" vs ")[1] for c in conclusions)
+
+
+def test_an_arm_without_a_scratch_of_its_own_is_not_compared(tmp_path):
+    """A batch-20 point run without its scratch arm: no other point's scratch stands in for it."""
+    sweep = tmp_path / "sweep"
+    data = load_data(batch_size_sweep(sweep, points=((10, 30.0, 25.0),))
+                     + batch_size_sweep(sweep, points=((20, 0.0, 20.0),), arms=("two_stage",)))
+    assert {r[0]: r for r in final_table(data, "fid").rows}[BS20][8] == "no match"
+    table, conclusions = matched_table(data, "fid", "steps")
+    assert rows_at(table, "1,000", BS20)[-1] == "no match"
+    assert rows_at(table, "1,000", BS10)[-1] == "-16.7%"
+    assert not any(f"{BS20} FID" in c for c in conclusions)
+    report = build_report(data, "t", budgets=["steps"])
+    assert f"Arm '{BS20}' is not compared: none of its sweep points has a 'scratch' arm." in report.summary
+    assert data.reference_of(BS20) is None
+
+
+def test_an_arm_pooled_over_points_with_different_scratch_runs_is_not_compared(tmp_path):
+    """A sweep over train/Stage.lr: two_stage is one run shared by both points, each with another scratch."""
+    sweep = tmp_path / "sweep"
+    dirs = []
+    for lr, fid in ((1e-4, 30.0), (3e-4, 10.0)):
+        exp = SyntheticExperiment(sweep, f"lr{lr}")
+        s = exp.stage(f"{lr}scratch", StageSpec(["scratch"], "train", None, 1000, 10, config={"lr": lr}))
+        exp.evaluate(s, 1000, fid)
+        exp.finish(s)
+        f = exp.stage("sharedfinetune00", StageSpec(["two_stage"], "finetune", None, 1000, 10, config={"lr": 1e-4}))
+        exp.evaluate(f, 1000, 20.0)
+        exp.finish(f)
+        dirs.append(exp.dir)
+    data = load_data(dirs)
+    assert {r[0]: r for r in final_table(data, "fid").rows}["two_stage"][8] == "no match"
+    assert not any("two_stage FID" in line for line in build_report(data, "t", budgets=["steps"]).summary)
+    assert data.references["two_stage"] == ["scratch [train.lr=0.0001]", "scratch [train.lr=0.0003]"]
+
+
+def test_an_unfinished_scratch_is_flagged_and_its_last_evaluation_is_not_final(tmp_path):
+    exp = SyntheticExperiment(tmp_path, "exp")
+    s = exp.stage("00scratch0000000", StageSpec(["scratch"], "train", None, 1500, 10))
+    for step, fid in ((250, 100.0), (500, 60.0)):  # running: evaluated up to step 500 of 1500
+        exp.evaluate(s, step, fid)
+    exp.log(s, 500, 0.3)
+    p = exp.stage("00pretrain000000", StageSpec(["two_stage"], "pretrain", None, 1000, 10, mask="block4",
+                                                mask_ratio=0.875))
+    exp.evaluate(p, 500, 150.0)
+    exp.finish(p)
+    f = exp.stage("00finetune000000", StageSpec(["two_stage"], "finetune", p, 500, 10))
+    exp.evaluate(f, 500, 45.0)
+    exp.finish(f)
+    data = load_data([exp.dir])
+    table, conclusions = matched_table(data, "fid", "steps")
+    assert rows_at(table, "500", "scratch")[1] == "scratch eval, scratch latest"
+    assert conclusions == [
+        "Equal total steps, scratch's latest evaluation (500): two_stage FID 150.00 vs scratch 60.00 -> +150.0% "
+        "(scratch lower) [scratch running].",
+        "Equal total steps, two_stage's full budget (1,500): two_stage FID 45.00 vs scratch 60.00 -> -25.0% "
+        "(two_stage lower) [scratch running]."]
+    assert not any("scratch final" in line or "scratch's full budget" in line
+                   for line in build_report(data, "t").summary)
+
+
+def test_mask_ratios_with_the_same_actual_ratio_are_not_pooled_as_seeds(tmp_path):
+    """MASK_RATIO 0.85 and 0.87 both mask 13 of 16 blocks (actual 0.8125): the plan summary's `mask` and
+    `mask_ratio` agree, the requested ratio in the config does not."""
+    sweep = tmp_path / "sweep"
+    for seed, ratio in ((0, 0.85), (1, 0.87)):
+        exp = SyntheticExperiment(sweep, f"mask{ratio}")
+        sid = exp.stage(f"{seed}pretrain", StageSpec(
+            ["two_stage"], "pretrain", None, 1000, 10, mask="block4", mask_ratio=0.8125, seed=seed,
+            config={"steps": 1000, "mask": {"type": "BlockMask", "ratio": ratio, "block_size": 4}}))
+        exp.evaluate(sid, 1000, 50.0 + seed)
+        exp.finish(sid)
+    data = load_data(sorted(sweep.iterdir()))
+    assert set(data.records.group) == {"two_stage [pretrain.mask.ratio=0.85]", "two_stage [pretrain.mask.ratio=0.87]"}
+
+
+def test_runs_with_the_same_seed_are_never_pooled_as_seeds(tmp_path):
+    """Plans without `config` cannot show what differs, but two stage chains with one seed are two
+    configurations: each gets its own label. A scratch run shared by both (same stage ids) stays one."""
+    sweep = tmp_path / "sweep"
+    for name in ("a", "b"):
+        exp = SyntheticExperiment(sweep, name)
+        s = exp.stage("00scratch0000000", StageSpec(["scratch"], "train", None, 1000, 10))
+        exp.evaluate(s, 1000, 30.0)
+        exp.finish(s)
+        sid = exp.stage(f"{name}finetune", StageSpec(["two_stage"], "finetune", None, 1000, 10))
+        exp.evaluate(sid, 1000, 20.0 if name == "a" else 40.0)
+        exp.finish(sid)
+    data = load_data(sorted(sweep.iterdir()))
+    assert set(data.records.group) == {"scratch", "two_stage [experiment=a]", "two_stage [experiment=b]"}
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert [rows[f"two_stage [experiment={n}]"][7:] for n in "ab"] == [["20.00", "-33.3%"], ["40.00", "+33.3%"]]
