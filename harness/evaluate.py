@@ -11,6 +11,7 @@ manifest beside them, written last, marks an entry complete. A changed folder ge
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,9 +68,9 @@ class EvalConfig:
                 raise HarnessError(f"EvalConfig.{key} must be at least 1, got {getattr(self, key)}")
         if any(s < 1 for s in self.steps):
             raise HarnessError(f"EvalConfig.steps must be positive training steps, got {list(self.steps)}")
-        if self.reference_images is not None and self.reference_images < 2:
-            raise HarnessError(f"EvalConfig.reference_images must be None or >= 2, got {self.reference_images}")
-        check_sample_counts(self.metrics, self.num_samples, None, self.kid_subset_size)
+        check_reference_limit(self.reference_images)
+        # reference_images caps the reference set: a KID subset or k-NN count above it can never be met.
+        check_sample_counts(self.metrics, self.num_samples, self.reference_images, self.kid_subset_size)
 
     def eval_steps(self, total_steps: int) -> list[int]:
         """The steps at which a stage of `total_steps` steps is evaluated: the configured ones, and the end."""
@@ -109,6 +109,22 @@ def check_sample_counts(metrics, n: int, n_ref: int | None, kid_subset_size: int
             )
         if "prc" in metrics and count <= PRC_NEIGHBORHOOD:
             raise HarnessError(f"precision/recall need more than {PRC_NEIGHBORHOOD} {label} images, got {count}")
+
+
+def reference_count(cfg: EvalConfig, dataset_images: int) -> int:
+    """How many reference images a stage on a dataset of `dataset_images` images is scored against."""
+    return dataset_images if cfg.reference_images is None else min(cfg.reference_images, dataset_images)
+
+
+def check_reference_size(cfg: EvalConfig, dataset_images: int) -> None:
+    """Refuse a dataset too small for cfg's metrics (KID subset, precision/recall's k, FID's 2 images), so
+    that a plan fails before training instead of at its first evaluation."""
+    n_ref = reference_count(cfg, dataset_images)
+    try:
+        check_sample_counts(cfg.metrics, cfg.num_samples, n_ref, cfg.kid_subset_size)
+    except HarnessError as err:
+        cap = "" if cfg.reference_images is None else f", EvalConfig.reference_images={cfg.reference_images}"
+        raise HarnessError(f"{err} (the stage's dataset has {dataset_images} images{cap})") from None
 
 
 # ----------------------------------------------------------------------------------------------- image folders
@@ -186,6 +202,14 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
+def _cuda_context(device) -> contextlib.AbstractContextManager:
+    """torch-fidelity's `cuda=True` runs on the *current* CUDA device: make `cuda:N` current while it runs."""
+    dev = _device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        return torch.cuda.device(dev)  # touches CUDA only when entered
+    return contextlib.nullcontext()
+
+
 def _options(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, Any]:
     """torch-fidelity keyword arguments: the offline Inception, the harness's cache folder, the device."""
     fidelity_cache_root().mkdir(parents=True, exist_ok=True)
@@ -243,7 +267,7 @@ def refuse_pickled_code(path: str | os.PathLike, what: str) -> None:
                            "delete it (cached files are recomputed) or replace it") from err
 
 
-@contextmanager
+@contextlib.contextmanager
 def _fidelity_errors() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
@@ -258,7 +282,7 @@ def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -
     """torch-fidelity's calculate_metrics with the harness's options."""
     import torch_fidelity
 
-    with _fidelity_errors():
+    with _fidelity_errors(), _cuda_context(device):
         return dict(torch_fidelity.calculate_metrics(**_options(batch_size, device, weights, verbose, **kwargs)))
 
 
@@ -272,7 +296,7 @@ def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_
                            "point it at a folder of at least 2 images.")
     # The very function calculate_metrics uses to extract and cache an input's features under its cache name.
     options = _options(batch_size, device, weights, verbose, input1=str(folder), input1_cache_name=name)
-    with _fidelity_errors():
+    with _fidelity_errors(), _cuda_context(device):
         extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
         extract_featuresdict_from_input_id_cached(1, extractor, **options)
     manifest = {"name": name, "num_images": n, "source": source, "weights": str(weights), "created": time.time()}
@@ -297,19 +321,31 @@ def dataset_reference(data_cfg, weights: str | os.PathLike | None = None, *, lim
     On a cache miss the dataset's images are written as PNGs (what the model is trained on: cropped and resized)
     into a temporary folder, scored, and the folder removed; later runs only read the cached features.
     """
+    check_reference_limit(limit)
     weights = weights_path(weights)
     name = (f"data_{_safe(data_cfg.content_id())[:20]}_r{data_cfg.resolution}"
-            f"_n{limit if limit else 'all'}_w{weights_id(weights)}")
+            f"_n{'all' if limit is None else limit}_w{weights_id(weights)}")
     found = cached_reference(name)
     if found is not None:
         return found
     from harness.data import write_png_folder
 
     data_cfg.check()
+    dataset = data_cfg.build()
+    if len(dataset) < 2:  # checked here: the temporary PNG folder below means nothing to the user
+        where = data_cfg.root if data_cfg.source == "folder" else f"source {data_cfg.source!r}"
+        raise HarnessError(f"the dataset ({where}) has {len(dataset)} image(s); FID needs a reference of at least "
+                           "2: add images or point the stage at a larger dataset")
     source = json.dumps(data_cfg.describe(), sort_keys=True, default=str)
     with tempfile.TemporaryDirectory(prefix="maskdm-reference-") as tmp:
-        write_png_folder(data_cfg.build(), tmp, limit=limit)
+        write_png_folder(dataset, tmp, limit=limit)
         return _build_reference(Path(tmp), name, source, weights, batch_size, device, verbose)
+
+
+def check_reference_limit(limit: int | None, option: str = "EvalConfig.reference_images") -> None:
+    """A reference cap is None (the whole dataset) or at least 2 images (0 must not mean 'no cap')."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+        raise HarnessError(f"{option} must be at least 2 images (or unset for the whole dataset), got {limit!r}")
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -320,6 +356,8 @@ def score_against(samples: str | os.PathLike, reference: Reference, metrics=("fi
                   device=None, verbose: bool = False) -> dict[str, float]:
     """Score the images of folder `samples` against a cached reference; torch-fidelity's metric keys."""
     metrics = check_metrics(metrics)
+    weights = weights_path(weights)
+    check_reference_weights(reference, weights)
     n = len(list_images(samples))
     check_sample_counts(metrics, n, reference.num_images, kid_subset_size)
     if cached_reference(reference.name) is None:
@@ -328,9 +366,18 @@ def score_against(samples: str | os.PathLike, reference: Reference, metrics=("fi
     flags = {m: m in metrics for m in METRICS}
     # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
     # input2 is never read: its features come from the cache entry checked above.
-    return _fidelity(batch_size, device, weights_path(weights), verbose, input1=str(samples),
+    return _fidelity(batch_size, device, weights, verbose, input1=str(samples),
                      input2=f"<cached {reference.name}>", input2_cache_name=reference.name,
                      kid_subset_size=kid_subset_size, **flags)
+
+
+def check_reference_weights(reference: Reference, weights: Path) -> None:
+    """Features from other Inception weights are not comparable: a reference's name ends with its weights' id."""
+    wid = weights_id(weights)
+    if not reference.name.endswith(f"_w{wid}"):
+        raise HarnessError(f"reference {reference.name} was not computed with the Inception weights {weights} "
+                           f"(id {wid}); recompute it with these weights (`harness fid-stats --weights`) or "
+                           "score with the weights it was built with")
 
 
 def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), *,
@@ -357,7 +404,7 @@ def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), 
 # ---------------------------------------------------------------------------------------------- stage evaluation
 
 
-@contextmanager
+@contextlib.contextmanager
 def _samples_folder(run_dir: Path, step: int, keep: bool) -> Iterator[Path]:
     """A folder for the PNGs: kept as eval_samples/step_X once complete, else a temporary one."""
     if not keep:

@@ -229,15 +229,20 @@ class Plan:
         return (self.stage_dir(results_dir, stage_id) / DONE_MARKER).is_file()
 
     def missing_data(self, results_dir: str | Path, stage_ids: list[str] | None = None) -> list[str]:
-        """What keeps the (selected) unfinished stages from reading their data, one line per problem (stages
-        usually share a folder). `harness run` and `sweep` check it before anything trains: otherwise a later
+        """What keeps the (selected) unfinished stages from reading their data, or their data from serving
+        their evaluation's metrics (too few images), one line per problem (stages usually share a folder). `harness run` and `sweep` check it before anything trains: otherwise a later
         stage would find its folder missing only after the earlier ones had trained, or on a SLURM node."""
         problems: list[str] = []
         for sid in self.stages if stage_ids is None else stage_ids:
             if self.is_done(results_dir, sid):
                 continue
+            spec = self.stages[sid].spec
             try:
-                self.stages[sid].spec.data.check()
+                spec.data.check()
+                if spec.eval is not None:  # too few images for a metric would fail at the first evaluation
+                    from harness.evaluate import check_reference_size
+
+                    check_reference_size(spec.eval, len(spec.data.names()))
             except HarnessError as err:
                 if str(err) not in problems:
                     problems.append(str(err))

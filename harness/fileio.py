@@ -60,18 +60,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one JSON object as one line (a single write, so concurrent appenders do not interleave)."""
+    """Append one JSON object as one line (a single write, so concurrent appenders do not interleave).
+
+    After a torn last line (a crash or a full disk mid-write) the row starts on a new line: glued to the torn
+    one, it would be skipped with it by read_jsonl.
+    """
     path = Path(path)
     line = (json.dumps(row, sort_keys=True, default=_json_default) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            if _ends_torn(fd):
+                line = b"\n" + line  # at worst (a racing appender) an empty line, which read_jsonl skips
             os.write(fd, line)
         finally:
             os.close(fd)
     except OSError as err:
         raise _writable_error(path, err) from err
+
+
+def _ends_torn(fd: int) -> bool:
+    """Whether the open file is non-empty and its last byte is not a newline."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

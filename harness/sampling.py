@@ -38,8 +38,10 @@ class SamplerConfig:
             raise HarnessError(f"SamplerConfig.kind={self.kind!r} is not one of {list(KINDS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise HarnessError(f"SamplerConfig.steps must be a positive integer, got {self.steps!r}")
-        if self.eta < 0:
-            raise HarnessError(f"SamplerConfig.eta must be >= 0, got {self.eta!r}")
+        # DDIM's eta interpolates deterministic (0) and DDPM's variance (1); above 1 the noise would exceed the
+        # step's variance budget and the eps coefficient would be clamped to 0 (`_step_coefficients`).
+        if not 0 <= self.eta <= 1:
+            raise HarnessError(f"SamplerConfig.eta must be between 0 and 1 (DDIM), got {self.eta!r}")
 
     @property
     def name(self) -> str:

@@ -315,3 +315,16 @@ def test_the_transfer_recipe_follows_the_reference_transfer_configs():
         spec = specs[name]
         assert (spec.batch_size, spec.lr, spec.grad_clip, spec.warmup_steps, spec.data.hflip, spec.data.subset) \
             == (64, 5e-5, 0.0, 0, True, 3000), name
+
+
+def test_a_dataset_too_small_for_the_metrics_fails_before_training(tiny_recipe, tmp_path, capsys):
+    """128 images cannot serve KID subsets of 1000 (the default): said before the first step, not at the
+    first evaluation hours later; a dry run only notes it."""
+    bindings = ["--gin", "scratch/Stage.eval = @EvalConfig()", "--gin", "EvalConfig.num_samples = 2000"]
+    results = tmp_path / "results"
+    assert cli_main(["run", str(tiny_recipe), *bindings, "--dry-run", "--results-dir", str(results)]) == 0
+    assert "note: " in (note := capsys.readouterr().err) and "the stage's dataset has 128 images" in note
+    code = cli_main(["run", str(tiny_recipe), *bindings, "--results-dir", str(results), "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the stage's dataset has 128 images" in err
+    assert not list(results.rglob("checkpoints"))

@@ -8,6 +8,7 @@ plumbing exactly; tests/test_inception.py checks the canonical 299-px features t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -215,3 +216,122 @@ def test_evaluate_stage_writes_no_row_when_it_fails(tmp_path, extractions):
                           run_dir, "cpu", extra={})
     assert not (run_dir / "eval.jsonl").exists()
     assert not (run_dir / "eval_samples").exists()
+
+
+# ------------------------------------------------------------------------------------- checks before any work
+
+
+def test_eval_config_refuses_counts_above_its_reference_cap():
+    with pytest.raises(HarnessError, match="KID subset size 1000 exceeds the 400 reference images"):
+        ev.EvalConfig(reference_images=400, kid_subset_size=1000)
+    with pytest.raises(HarnessError, match="precision/recall need more than 3 reference images, got 3"):
+        ev.EvalConfig(metrics=("fid", "prc"), reference_images=3)
+    for bad in (0, 1, -1):
+        with pytest.raises(HarnessError, match="reference_images must be at least 2"):
+            ev.EvalConfig(reference_images=bad)
+    assert ev.EvalConfig(reference_images=1000, kid_subset_size=1000).reference_images == 1000
+
+
+def test_check_reference_size_uses_the_smaller_of_the_cap_and_the_dataset():
+    uncapped = ev.EvalConfig(num_samples=500, kid_subset_size=100)
+    capped = ev.EvalConfig(num_samples=500, kid_subset_size=100, reference_images=200)
+    assert ev.reference_count(uncapped, 80) == 80 and ev.reference_count(capped, 80) == 80
+    assert ev.reference_count(capped, 5000) == 200
+    ev.check_reference_size(uncapped, 100)
+    ev.check_reference_size(capped, 5000)
+    with pytest.raises(HarnessError, match=r"exceeds the 80 reference images.*dataset has 80 images, "
+                                           r"EvalConfig.reference_images=200\)"):
+        ev.check_reference_size(capped, 80)
+    with pytest.raises(HarnessError, match="only 1 reference image"):
+        ev.check_reference_size(uncapped, 1)
+    prc = ev.EvalConfig(num_samples=500, metrics=("fid", "prc"))
+    ev.check_reference_size(prc, 4)
+    with pytest.raises(HarnessError, match="precision/recall need more than 3 reference images, got 3"):
+        ev.check_reference_size(prc, 3)
+
+
+def test_score_against_refuses_a_reference_of_other_weights(tmp_path, folders, extractions):
+    reference = ev.folder_reference(folders["ref"])
+    extracted = len(extractions)
+    other = tmp_path / "other-inception.pth"
+    other.write_bytes(b"other weights")
+    with pytest.raises(HarnessError, match="not computed with the Inception weights .*other-inception.pth"):
+        ev.score_against(folders["gen"], reference, weights=other)
+    foreign = ev.Reference(name=reference.name.rsplit("_w", 1)[0] + "_w000000000000",
+                           num_images=reference.num_images, source=reference.source)
+    with pytest.raises(HarnessError, match="not computed with the Inception weights"):
+        ev.score_against(folders["gen"], foreign)
+    assert len(extractions) == extracted  # refused before Inception ran
+
+
+def test_reference_limits_below_two_are_refused_in_terms_of_the_dataset(tmp_path, extractions, capsys):
+    from harness.cli import main as cli_main
+
+    shapes = DataConfig(source="shapes", resolution=16, num_images=6, seed=3)
+    for limit in (0, 1, -1):  # 0 once meant "no limit" and could return the full-dataset reference
+        with pytest.raises(HarnessError, match=f"must be at least 2 images .*got {limit}"):
+            ev.dataset_reference(shapes, limit=limit)
+    with pytest.raises(HarnessError, match=r"the dataset \(source 'shapes'\) has 1 image") as err:
+        ev.dataset_reference(DataConfig(source="shapes", resolution=16, num_images=1, seed=3))
+    assert "maskdm-reference" not in str(err.value)  # not the temporary folder the user never chose
+    for limit in ("0", "-1"):
+        assert cli_main(["fid-stats", str(tmp_path), "--resolution", "16", "--limit", limit]) == 2
+        assert f"--limit must be at least 2 images (or unset for the whole dataset), got {limit}" in \
+            capsys.readouterr().err
+    assert extractions == []
+
+
+# ----------------------------------------------------------------------------------------------- CUDA devices
+
+
+def test_cuda_context_only_for_an_indexed_cuda_device():
+    assert isinstance(ev._cuda_context("cpu"), contextlib.nullcontext)
+    assert isinstance(ev._cuda_context("cuda"), contextlib.nullcontext)  # torch-fidelity's current device
+    chosen = ev._cuda_context("cuda:1")  # built without touching CUDA
+    assert isinstance(chosen, torch.cuda.device) and chosen.idx == 1
+
+
+def test_torch_fidelity_runs_with_the_requested_cuda_device_current(tmp_path, monkeypatch):
+    """Without CUDA: fake torch.cuda.device and torch-fidelity, and check that the device is current around them."""
+    current: list[int] = []
+    seen: list[tuple[str, list[int]]] = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.idx = torch.device(device).index
+
+        def __enter__(self):
+            current.append(self.idx)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    def fake(step):
+        return lambda *args, **kwargs: seen.append((step, list(current))) or {}
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake("metrics"))
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", fake("extractor"))
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id_cached", fake("features"))
+    ref = _write(tmp_path / "ref", _smooth_images(3, seed=11))
+    ev.score_folders(ref, ref, device="cuda:1", cache_reference=False)
+    ev.folder_reference(ref, device="cuda:1")
+    assert seen == [("metrics", [1]), ("extractor", [1]), ("features", [1])]
+    assert current == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_scores_on_the_requested_cuda_device(folders, monkeypatch):
+    where: list[tuple[int, torch.device]] = []
+    real = torch_fidelity.utils.extract_featuresdict_from_input_id
+
+    def recording(input_id, feat_extractor, **kwargs):
+        where.append((torch.cuda.current_device(), next(feat_extractor.parameters()).device))
+        return real(input_id, feat_extractor, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", recording)
+    before = torch.cuda.current_device()
+    scores = ev.score_folders(folders["gen"], folders["ref"], device="cuda:1", cache_reference=False)
+    assert where == [(1, torch.device("cuda:1"))] * 2  # both inputs, on device 1
+    assert torch.cuda.current_device() == before
+    assert scores["frechet_inception_distance"] > 0

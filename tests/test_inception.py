@@ -32,7 +32,8 @@ def test_pool3_features_equal_torchscript_at_299(networks):
     ours = converted(x)[0]
     theirs = scripted((x.float() - 128) / 128)
     assert ours.shape == theirs.shape == (2, 2048)
-    assert (ours - theirs).abs().max().item() < 1e-4
+    # measured on CPU: at most ~1e-6 (a few float32 ulps of features up to ~5)
+    assert (ours - theirs).abs().max().item() < 1e-5
     assert ours.std().item() > 0.05  # real features, not a constant that would match trivially
 
 
@@ -43,7 +44,7 @@ def test_pool3_features_equal_torchscript_after_the_same_resize(networks):
     ours = converted(x)[0]  # resizes 32 -> 299 internally (TF1 bilinear)
     resized = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
     theirs = scripted((resized - 128) / 128)
-    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - theirs).abs().max().item() < 1e-5
     # different images give different features: the comparison above can fail
     assert (ours[0] - ours[1]).abs().max().item() > 1e-2
 

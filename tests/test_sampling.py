@@ -125,6 +125,14 @@ def test_time_grid_and_validation():
     assert SamplerConfig().name == "ddim250_eta1" and SamplerConfig("ddpm", 1000).name == "ddpm"
 
 
+def test_eta_must_lie_between_zero_and_one():
+    assert SamplerConfig(eta=0.0).eta == 0.0 and SamplerConfig(eta=1.0).eta == 1.0
+    # above 1, DDIM's sigma exceeds the step's variance and the eps coefficient would silently clamp to 0
+    for eta in (1.5, -0.1, float("nan")):
+        with pytest.raises(HarnessError, match="eta must be between 0 and 1"):
+            SamplerConfig("ddim", steps=10, eta=eta)
+
+
 @pytest.mark.parametrize(
     "file, expected",
     [
