@@ -13,7 +13,9 @@ are done. A DST belongs to one source: naming it with another SRC is refused rat
 
 Subsets take candidates in a seeded order (`harness.data.subset_order`) until N images have been read, so an
 unreadable file is replaced by the next candidate; with no unreadable files the subset equals
-`DataConfig(subset=N, subset_seed=S)` on the source folder. The source is only ever read.
+`DataConfig(subset=N, subset_seed=S)` on the source folder. Rows are written in source order, the order in which
+that DataConfig lists them (`names()`), so both give the same batches for a seed and the same first N reference
+images for evaluation. The source is only ever read.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from harness.errors import HarnessError
 from harness.fileio import atomic_write_text
 
 FORMATS = ("folder", "npy")
+SORTING = "images.npy.sorting"  # the .npy rows being copied into source order
 BLOCK = 512  # candidates per block: the unit of progress saving and of work handed to the process pool
 
 
@@ -71,6 +74,9 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, resolution: 
     outputs = _output_names(files) if fmt == "folder" else None
 
     progress = _load_progress(dst, settings)
+    rank = {name: i for i, name in enumerate(files)}
+    if fmt == "npy":
+        _adopt_sorted_rows(dst, progress, rank)
     array = _open_array(dst, target, resolution, resume=progress["position"] > 0) if fmt == "npy" else None
     converted = 0
     with _Progress(show_progress, total=target, done=len(progress["files"])) as bar, \
@@ -103,10 +109,12 @@ def prepare_dataset(src: str | os.PathLike, dst: str | os.PathLike, resolution: 
         raise HarnessError(f"only {count} images{wanted} could be prepared from {src}: {len(skipped)} were skipped "
                            f"(e.g. {reasons}); fix those (non-square ones need --center-crop) or lower --subset")
     if fmt == "folder":
+        progress["files"].sort(key=lambda name: _source_rank(rank, name))
         output_of = dict(zip(files, outputs))
         chosen = [output_of[name] for name in progress["files"]]
         digest = _hash_files(dst / "images", chosen)
     else:
+        array = _sort_rows(dst, array, progress, rank)
         chosen = None
         digest = _hash_array(array, count, progress["files"])
         del array
@@ -213,6 +221,47 @@ def _open_array(dst: Path, rows: int, resolution: int, resume: bool) -> np.memma
             os.replace(dst / "images.npy", path)
         return np.load(path, mmap_mode="r+")
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, resolution, resolution, 3))
+
+
+def _source_rank(rank: dict[str, int], name: str) -> int:
+    return rank.get(name, len(rank))  # a file gone from the source since (never expected) sorts last
+
+
+def _in_source_order(names: list[str], rank: dict[str, int]) -> bool:
+    keys = [_source_rank(rank, name) for name in names]
+    return keys == sorted(keys)
+
+
+def _sort_rows(dst: Path, array: np.memmap, progress: dict, rank: dict[str, int]) -> np.memmap:
+    """The .npy rows (written in the subset's seeded order) copied into source order, block by block.
+
+    The copy goes to images.npy.sorting; the progress file takes the new order once the copy is whole, and only
+    then does the copy replace the partial array. A run stopped in between finishes it (`_adopt_sorted_rows`).
+    """
+    order = sorted(range(len(progress["files"])), key=lambda row: _source_rank(rank, progress["files"][row]))
+    if order == list(range(len(order))):
+        return array
+    copy = np.lib.format.open_memmap(dst / SORTING, mode="w+", dtype=np.uint8, shape=array.shape)
+    for start in range(0, len(order), BLOCK):
+        copy[start:start + BLOCK] = array[order[start:start + BLOCK]]
+    copy.flush()
+    del copy, array
+    progress["files"] = [progress["files"][row] for row in order]
+    _save_progress(dst, progress)
+    os.replace(dst / SORTING, dst / "images.npy.partial")
+    return np.load(dst / "images.npy.partial", mmap_mode="r+")
+
+
+def _adopt_sorted_rows(dst: Path, progress: dict, rank: dict[str, int]) -> None:
+    """Finish a sort that stopped after the progress file took the sorted order but before the copy replaced the
+    partial array; a copy left by a sort stopped earlier (progress still in the seeded order) is discarded."""
+    copy = dst / SORTING
+    if not copy.exists():
+        return
+    if progress["files"] and _in_source_order(progress["files"], rank):
+        os.replace(copy, dst / "images.npy.partial")
+    else:
+        copy.unlink()
 
 
 def _hash_files(folder: Path, names: list[str]) -> str:

@@ -4,11 +4,17 @@ Each point's gin text is the recipe's flattened text plus the point's bindings p
 (`<recipe's name>-<key>=<value>-...`), so a point is an ordinary experiment that any worker can re-parse.
 Stages that no grid binding reaches keep their id across points (e.g. the from-scratch baseline of a mask-ratio
 sweep) and the launcher runs them once.
+
+A sweep's points live in a folder of their own, `<results>/<recipe's name>-sweep-<hash>/` (with the sweep record,
+sweep.json), so that `harness report` / `harness status` on it see that sweep only; running the same sweep again
+reuses the folder (and resumes it). The hash covers the points and the stage ids they plan, see sweep_folder_name.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass
 
@@ -94,6 +100,15 @@ def grid_points(grids: list[Grid]) -> list[Point]:
     return [Point(list(zip(keys, combo))) for combo in itertools.product(*(g.values for g in grids))]
 
 
+def sweep_folder_name(sweep: list[SweepVariant]) -> str:
+    """`<name>-sweep-<8 hex digits>`: a hash of the points and of every stage id they plan. The same sweep again
+    (launcher settings may differ: they change no stage) reuses its folder and resumes; another grid, or `--gin`
+    bindings or a recipe edit that change what trains, get a new folder (finished stages are linked there)."""
+    blob = json.dumps({"points": [v.point.label for v in sweep],
+                       "stages": sorted({sid for v in sweep for sid in v.plan.stages})}, separators=(",", ":"))
+    return f"{sweep[0].base}-sweep-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
 def point_suffix(point: Point) -> str:
     """A folder-safe name for a point: 'mask_ratio=0.5-mask=BlockMask'."""
     parts = []
@@ -122,6 +137,8 @@ def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[Swe
         raise HarnessError("--grid cannot sweep Experiment.name: each point gets its own name already")
     base_text = load_recipe(recipe, bindings)
     points = grid_points(grids)
+    for point in points:  # before any plan: a misspelt key plans fine and changes nothing
+        check_point_bindings(point, _point_text(base_text, point, None))
     first = plan_from_gin(_point_text(base_text, points[0], None))
     variants, names, seen = [], set(), {}
     for point in points:
@@ -139,6 +156,17 @@ def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[Swe
         variants.append(SweepVariant(point=point, base=first.experiment, experiment=name, gin_text=text,
                                      plan=plan))
     return variants
+
+
+def check_point_bindings(point: Point, text: str) -> None:
+    """The `--gin` check (config.check_overrides) on a point's bindings: a macro the recipe never uses or a scope
+    no component runs in changes nothing, which a one-value grid would not otherwise reveal."""
+    from harness.config import check_overrides
+
+    try:
+        check_overrides(point.gin_lines(), text)
+    except HarnessError as err:
+        raise HarnessError(str(err).replace("--gin", "--grid", 1)) from None
 
 
 def _point_text(base_text: str, point: Point, name: str | None) -> str:

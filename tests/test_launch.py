@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -75,8 +76,23 @@ def test_sweep_points_are_experiments_that_share_the_untouched_baseline(tmp_path
 
 def test_sweep_refuses_a_grid_key_the_recipe_does_not_use(tmp_path):
     recipe = write_fast_recipe(tmp_path)
-    with pytest.raises(HarnessError, match="identical stages"):
-        build_sweep(str(recipe), [], [parse_grid("MASK_RATIOO=[0.5,0.75]")])
+    with pytest.raises(HarnessError, match="identical stages"):  # a binding of a component no stage uses
+        build_sweep(str(recipe), [], [parse_grid("EvalConfig.num_samples=[10,20]")])
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("MASK_RATIOO=[0.5]", "--grid 'MASK_RATIOO = 0.5': the recipe never uses macro %MASK_RATIOO"),
+    ("MASK_RATIOO=[0.5,0.75]", "--grid 'MASK_RATIOO = 0.5': the recipe never uses macro %MASK_RATIOO"),
+    ("pretrian/Stage.lr=[1e-4]", "--grid 'pretrian/Stage.lr = 0.0001': no component runs in scope 'pretrian'")])
+def test_sweep_refuses_a_misspelt_grid_key_like_a_misspelt_gin_override(tmp_path, capsys, grid, message):
+    """One value used to plan an unchanged point (nothing to compare it with), where --gin is refused."""
+    recipe = write_fast_recipe(tmp_path)
+    code = harness_main(["sweep", str(recipe), "--grid", grid, "--dry-run", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "changes nothing" in err and len(err.strip().splitlines()) == 1
+    override = message.split("'")[1]  # the first point's binding, as --gin
+    assert harness_main(["run", str(recipe), "--gin", override, "--dry-run"]) == 2
+    assert "changes nothing" in capsys.readouterr().err  # the same rule as --gin
 
 
 def test_sweep_dry_run_of_100_points_is_fast_and_shows_the_arrays(tmp_path, capsys):
@@ -93,6 +109,100 @@ def test_sweep_dry_run_of_100_points_is_fast_and_shows_the_arrays(tmp_path, caps
     assert "100 sweep points" in out and "201 distinct stages: 201 to run, 0 already done" in out
     assert out.count("aftercorr:<level0>") == 100
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_a_sweep_has_its_own_folder_that_report_and_status_read_alone(tmp_path, monkeypatch, capsys):
+    """Points used to land in results/ beside every other experiment, so `harness report results/` pooled them
+    with unrelated runs, and a second sweep of the recipe overwrote results/<name>.sweep.json."""
+    import harness.launch.run as run
+    from harness.commands.status import collect as status_of
+    from harness.results import find_experiments
+    from harness.sweep import sweep_folder_name
+
+    monkeypatch.setattr(run, "_run_inline", lambda jobs, results_dir: [])  # plans are written; nothing trains
+    recipe, results = write_fast_recipe(tmp_path), tmp_path / "results"
+
+    def sweep(grid: str) -> int:
+        return harness_main(["sweep", str(recipe), "--grid", grid, "--results-dir", str(results)])
+
+    assert harness_main(["run", str(recipe), "--results-dir", str(results), "--no-report"]) == 0  # unrelated
+    assert sweep("finetune/Stage.lr=[1e-4,2e-4]") == 0
+    folder = results / sweep_folder_name(build_sweep(str(recipe), [], [parse_grid("finetune/Stage.lr=[1e-4,2e-4]")]))
+    assert folder.name.startswith("fast-sweep-") and len(folder.name) == len("fast-sweep-") + 8
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"sweep folder: {folder} (`harness status {folder}`, `harness report {folder}`)"
+    points = [folder / "fast-lr=0.0001", folder / "fast-lr=0.0002"]
+    assert find_experiments(folder) == points  # what `harness report <folder>` reads: the points only
+    assert sorted({r["experiment"] for r in status_of(folder)}) == [p.name for p in points]
+    assert [p["experiment"] for p in json.loads((folder / "sweep.json").read_text())["points"]] == \
+        [p.name for p in points]
+    assert sorted({r["experiment"] for r in status_of(results)}) == ["fast", *(p.name for p in points)]
+    # The same grid again resumes in its folder; another grid of the same recipe gets its own.
+    assert sweep("finetune/Stage.lr=[1e-4, 2e-4]") == 0 and sweep("finetune/Stage.lr=[3e-4]") == 0
+    other = results / sweep_folder_name(build_sweep(str(recipe), [], [parse_grid("finetune/Stage.lr=[3e-4]")]))
+    assert sorted(p.name for p in results.iterdir() if not p.name.startswith(".")) == \
+        sorted(["fast", folder.name, other.name])
+    assert find_experiments(other) == [other / "fast-lr=0.0003"] and find_experiments(folder) == points
+
+
+def test_the_sweep_folder_changes_with_what_trains_not_with_launcher_settings(tmp_path):
+    """A longer time limit must resume the sweep in its folder; `--gin` that changes the stages must not mix
+    their plans into the folder of another sweep."""
+    from harness.sweep import sweep_folder_name
+
+    recipe = str(write_fast_recipe(tmp_path))
+    grid = [parse_grid("finetune/Stage.lr=[1e-4,2e-4]")]
+    name = sweep_folder_name(build_sweep(recipe, [], grid))
+    assert sweep_folder_name(build_sweep(recipe, ["SlurmLauncher.time_min = 5"], grid)) == name
+    assert sweep_folder_name(build_sweep(recipe, ["Stage.seed = 1"], grid)) != name
+    assert sweep_folder_name(build_sweep(recipe, [], [parse_grid("finetune/Stage.lr=[1e-4]")])) != name
+
+
+def test_a_stage_finished_in_another_experiment_is_linked_not_trained(tmp_path, monkeypatch, capsys):
+    """celebahq_mask50.gin includes celebahq_mask90.gin: both have the same scratch stage, trained twice before."""
+    import harness.stage
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+    from harness.launch import launch_variants
+
+    recipe, results = write_fast_recipe(tmp_path), tmp_path / "r"
+    a = plan_from_gin(load_recipe(recipe, []))
+    b_text = load_recipe(recipe, ["Experiment.name = 'other'", "Experiment.arms = {'baseline': [@scratch/Stage()]}"])
+    b = plan_from_gin(b_text)
+    (sid,) = b.stages
+    assert sid in a.stages and a.stage_dir(results, sid).name == b.stage_dir(results, sid).name
+
+    def stage_folder(folder: Path, stage_id: str) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "stage.json").write_text(json.dumps({"id": stage_id}))
+        (folder / "DONE").write_text("step 3\n")
+        return folder
+
+    # Found first, with the same folder name, but another stage: the full id in stage.json decides.
+    stage_folder(results / "aaa" / "baseline" / f"scratch-{sid[:8]}", sid[:8] + "0" * 8)
+    done = stage_folder(a.stage_dir(results, sid), sid)
+    (job,) = build_jobs([Variant(b_text, b)], results)
+    assert (job.done, job.stage_dir, job.links) == (True, done, [b.stage_dir(results, sid)])
+    assert harness_main(["run", str(recipe), "--results-dir", str(results), "--dry-run", "--gin",
+                         "Experiment.name = 'other'", "--gin", "Experiment.arms = {'baseline': [@scratch/Stage()]}"]) == 0
+    assert f"done in fast/scratch/scratch-{sid[:8]}" in capsys.readouterr().out
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the finished stage was trained again")
+
+    monkeypatch.setattr(harness.stage, "run_stage", trained)
+    (result,) = launch_variants([Variant(b_text, b)], results, InlineLauncher())
+    assert (result["status"], result["dir"]) == ("skipped", str(done))
+    linked = b.stage_dir(results, sid)
+    assert linked.is_symlink() and linked.resolve() == done.resolve()
+    assert (linked / "DONE").is_file()  # B's report and any child of the stage find it in B's folder
+    # A's folder deleted later: B's dangling link gives way and the stage trains in B's own folder.
+    shutil.rmtree(done)
+    ran = []
+    monkeypatch.setattr(harness.stage, "run_stage", lambda text, stage_id, *args, **kwargs: ran.append(
+        (stage_id, linked.is_symlink())) or {"status": "done"})
+    (result,) = launch_variants([Variant(b_text, b)], results, InlineLauncher())
+    assert (result["status"], result["dir"], ran) == ("done", str(linked), [(sid, False)])
 
 
 # -- job graph and SLURM dependencies --------------------------------------------------------------------------
@@ -194,6 +304,9 @@ def test_launcher_from_name(monkeypatch, tmp_path):
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
+    with pytest.raises(HarnessError, match="no `srun` on PATH"):  # submitit's SlurmExecutor needs it too
+        launcher_from_name("slurm")
+    (tmp_path / "srun").symlink_to(fake)
     gin.clear_config()
     gin.parse_config("default_launcher.launcher = @SlurmLauncher()\nSlurmLauncher.partition = 'gpu'")
     try:
@@ -203,6 +316,72 @@ def test_launcher_from_name(monkeypatch, tmp_path):
     finally:
         gin.clear_config()
     assert isinstance(launcher_from_name(None), InlineLauncher)
+
+
+def _fake_sbatch_only(tmp_path: Path, monkeypatch) -> None:
+    """A PATH whose only SLURM commands are dummies of sbatch and srun (no squeue: the queue reads as unknown)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("sbatch", "srun"):  # submitit's SlurmExecutor looks for srun
+        (bin_dir / command).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / command).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_a_recipe_that_chooses_slurm_needs_sbatch_too(tmp_path, monkeypatch, capsys):
+    """Without --launcher the recipe's SlurmLauncher skipped the check and failed later, with a traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    recipe = write_fast_recipe(tmp_path)
+    chooses_slurm = ["--gin", "default_launcher.launcher = @SlurmLauncher()", "--results-dir", str(tmp_path / "r")]
+    assert harness_main(["run", str(recipe), *chooses_slurm, "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harness run: error: the recipe's launcher (default_launcher.launcher): SLURM is not "
+                          "installed here") and len(err.splitlines()) == 1
+    assert harness_main(["sweep", str(recipe), "--grid", "MASK_RATIO=[0.5]", *chooses_slurm]) == 2
+    assert "SLURM is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    # previewing needs no SLURM
+    assert harness_main(["sweep", str(recipe), "--grid", "MASK_RATIO=[0.5]", *chooses_slurm, "--dry-run"]) == 0
+    assert harness_main(["run", str(recipe), *chooses_slurm, "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("command", [["run", "--no-report"], ["sweep", "--grid", "MASK_RATIO=[0.5,0.75]"]])
+def test_sbatch_refusing_an_option_is_one_line_naming_the_binding(tmp_path, monkeypatch, capsys, command):
+    """submitit's FailedJobError (sbatch exited non-zero) escaped as a traceback with exit status 1."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    def refused(self, command_text):
+        raise FailedJobError("sbatch: error: invalid partition specified: nope\n"
+                             "sbatch: error: Batch job submission failed: Invalid partition name specified")
+
+    _fake_sbatch_only(tmp_path, monkeypatch)
+    monkeypatch.setattr(submitit.SlurmExecutor, "_submit_command", refused)  # what sbatch's exit status raises
+    recipe = write_fast_recipe(tmp_path)
+    code = harness_main([command[0], str(recipe), *command[1:], "--launcher", "slurm", "--results-dir",
+                         str(tmp_path / "r"), "--gin", "SlurmLauncher.partition = 'nope'"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"harness {command[0]}: error: SLURM refused to submit ")
+    assert err.rstrip().endswith(": invalid partition specified: nope; Batch job submission failed: Invalid "
+                                 "partition name specified; change SlurmLauncher.partition (now 'nope') in "
+                                 "gin/launch/slurm.gin or with --gin 'SlurmLauncher.partition = ...'")
+
+
+def test_sbatch_complaints_point_at_the_launcher_setting():
+    from harness.launch.slurm import sbatch_advice, sbatch_complaint
+
+    spec = SlurmLauncher(extra_sbatch=["--frobnicate=1"], account="lab")
+    complaint = sbatch_complaint("sbatch: unrecognized option '--frobnicate=1'\nTry \"sbatch --help\" for more "
+                                 "information\n")
+    assert complaint == "unrecognized option '--frobnicate=1'"
+    assert "SlurmLauncher.extra_sbatch (now ['--frobnicate=1'])" in sbatch_advice(spec, complaint)
+    assert "SlurmLauncher.account (now 'lab')" in sbatch_advice(
+        spec, "Batch job submission failed: Invalid account or account/partition combination specified")
+    assert "SlurmLauncher.gpus_per_node" in sbatch_advice(spec, "Invalid generic resource (gres) specification")
+    assert "SlurmLauncher.mem_gb_per_task" in sbatch_advice(spec, "Memory specification can not be satisfied")
+    assert sbatch_advice(spec, "Requested node configuration is not available").startswith(
+        "check the SlurmLauncher bindings")
 
 
 def test_slurm_spec_becomes_the_sbatch_script():
@@ -321,6 +500,43 @@ def test_status_shows_a_stage_whose_parent_failed_as_blocked(tmp_path, capsys):
     assert harness_main(["status", str(exp), "--json"]) == 0
     states = [json.loads(line)["state"] for line in capsys.readouterr().out.splitlines()]
     assert sorted(states) == ["done", "pending", "pending", "pending"]
+
+
+@pytest.mark.parametrize("child_entry", [None, QueueEntry("CANCELLED", "DependencyNeverSatisfied"),
+                                         QueueEntry("PENDING", "DependencyNeverSatisfied")])
+def test_status_under_slurm_shows_the_children_of_a_failed_stage_as_blocked(tmp_path, monkeypatch, capsys,
+                                                                             child_entry):
+    """A child job waits on its parent (afterok) and is cancelled with it: it used to show failed ("cancelled:
+    its parent...", then "no longer in SLURM's queue") while the records said blocked."""
+    import harness.launch.state as state
+
+    exp = tmp_path / "exp"
+    a, b, c, d = ("a" * 16, "b" * 16, "c" * 16, "d" * 16)
+    chain = [(a, "pretrain", None), (b, "finetune", a), (c, "polish", b), (d, "again", None)]
+    plan = {"experiment": "exp", "stages": {
+        sid: {"name": name, "dir": f"arm/{name}-{sid[:8]}", "arms": ["arm"], "depth": i % 3, "parent": parent,
+              "steps": 2} for i, (sid, name, parent) in enumerate(chain)}}
+    exp.mkdir()
+    (exp / "plan.json").write_text(json.dumps(plan))
+    for i, (sid, name, _) in enumerate(chain):
+        write_job_file(exp / plan["stages"][sid]["dir"], "slurm", f"7_{i}")
+    (exp / "arm" / f"pretrain-{a[:8]}" / "FAILED").write_text("HarnessError: data folder /data does not exist\n")
+    (exp / "arm" / f"again-{d[:8]}" / "FAILED").write_text("RuntimeError: out of memory\n")  # failed by itself
+    queue = {} if child_entry is None else {"7_1": child_entry, "7_2": child_entry}
+    monkeypatch.setattr(state, "slurm_queue", lambda: queue)  # the parents' jobs have left the queue
+    assert harness_main(["status", str(exp), "--json"]) == 0
+    rows = {r["stage"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert {name: r["state"] for name, r in rows.items()} == {
+        "pretrain": "failed", "finetune": "blocked", "polish": "blocked", "again": "failed"}
+    assert rows["finetune"]["detail"] == "waits for its parent stage pretrain (aaaaaaaa), which failed"
+    assert rows["polish"]["detail"] == "waits for its parent stage finetune (bbbbbbbb), which is blocked"
+    assert rows["finetune"]["log_tail"] == "" and rows["again"]["log_tail"] == "RuntimeError: out of memory"
+    # a child that ran and failed by itself (FAILED of its own, its job gone) is failed, whatever its parent did
+    (exp / "arm" / f"finetune-{b[:8]}" / "FAILED").write_text("RuntimeError: NaN loss\n")
+    queue.clear()
+    assert harness_main(["status", str(exp), "--json"]) == 0
+    states = {r["stage"]: r["state"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert (states["finetune"], states["polish"]) == ("failed", "blocked")
 
 
 @pytest.mark.parametrize("name, sampler", [("ddpm", ("ddpm", 1000, 1.0)), ("ddim50", ("ddim", 50, 0.0)),
@@ -587,21 +803,26 @@ def test_local_launcher_runs_a_stage_whose_parent_finished_earlier(tmp_path):
 
 @pytest.mark.slow
 def test_a_point_added_to_a_finished_sweep_links_the_shared_stages(tmp_path):
-    """Re-running a sweep with an extra value: the new point's shared stages (scratch, pretrain) are done in the
-    first point's folders; the new point needs them linked to fine-tune, and for its report's baseline."""
+    """Re-running a sweep with an extra value: another grid, so another sweep folder, whose stages finished by the
+    first sweep (scratch, pretrain, and the first point's fine-tuning) are linked there, not trained again."""
     from harness.results import collect
+    from harness.sweep import sweep_folder_name
 
     recipe = write_fast_recipe(tmp_path)
     results = tmp_path / "r"
 
-    def sweep(values: str) -> int:
-        return harness_main(["sweep", str(recipe), "--grid", f"finetune/Stage.lr=[{values}]",
-                             "--results-dir", str(results)])
+    def sweep(values: str) -> Path:
+        grid = f"finetune/Stage.lr=[{values}]"
+        assert harness_main(["sweep", str(recipe), "--grid", grid, "--results-dir", str(results)]) == 0
+        return results / sweep_folder_name(build_sweep(str(recipe), [], [parse_grid(grid)]))
 
-    assert sweep("1e-4") == 0
-    (first,) = [p.parent for p in results.glob("*/plan.json")]
-    assert sweep("1e-4,2e-4") == 0
-    (new,) = [p.parent for p in results.glob("*/plan.json") if p.parent != first]
+    (first,) = [p.parent for p in sweep("1e-4").glob("*/plan.json")]
+    second = sweep("1e-4,2e-4")
+    assert second != first.parent
+    same, new = second / first.name, second / "fast-lr=0.0002"
+    for arm, stage in (("scratch", "scratch"), ("two_stage", "pretrain"), ("two_stage", "finetune")):
+        (linked,) = (same / arm).glob(f"{stage}-*")
+        assert linked.is_symlink() and linked.resolve() == (first / arm / linked.name).resolve()
     for arm, stage in (("scratch", "scratch"), ("two_stage", "pretrain")):
         (linked,) = (new / arm).glob(f"{stage}-*")
         assert linked.is_symlink() and linked.resolve() == (first / arm / linked.name).resolve()

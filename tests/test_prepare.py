@@ -12,7 +12,7 @@ from PIL import Image
 
 import harness.prepare as prepare_module
 from harness.cli import main as cli_main
-from harness.data import DataConfig
+from harness.data import DataConfig, subset_order
 from harness.errors import HarnessError
 from harness.prepare import prepare_dataset
 
@@ -102,6 +102,49 @@ def test_subsets_are_deterministic_and_match_data_config(tmp_path):
     assert set(files("a")) != set(files("c"))
     assert sorted(files("a")) == DataConfig(source="folder", root=str(src), subset=5, subset_seed=3).names()
     assert len(list((tmp_path / "a" / "images").rglob("*.png"))) == 5  # no extra images written
+
+
+@pytest.mark.parametrize("fmt", ["folder", "npy"])
+def test_a_prepared_subset_lists_its_images_in_the_order_data_config_does(tmp_path, fmt):
+    """The rows came in the subset's seeded order: the same images as DataConfig(subset=N), but other batches for
+    the same seed and other images for EvalConfig.reference_images=N."""
+    src = make_source(tmp_path / "src", n=12)
+    (src / "corrupt.png").unlink()
+    prepare_dataset(src, tmp_path / "dst", resolution=8, center_crop=True, subset=5, seed=3, fmt=fmt,
+                    show_progress=False)
+    source = DataConfig(source="folder", root=str(src), resolution=8, subset=5, subset_seed=3)
+    prepared = DataConfig(source="folder", root=str(tmp_path / "dst"), resolution=8)
+    expected = source.names() if fmt == "npy" else [f"images/{Path(n).with_suffix('.png')}" for n in source.names()]
+    assert prepared.names() == expected and index_files(tmp_path / "dst") == source.names()
+    seeded = subset_order(12, 3)[:5]
+    assert seeded != sorted(seeded)  # the order prepare converts them in is not the order they are listed in
+    batch = list(range(5))
+    assert torch.equal(prepared.build().get_batch(batch), source.build().get_batch(batch))  # the same pixels
+
+
+def test_a_sort_of_the_npy_rows_stopped_half_way_resumes(tmp_path, monkeypatch):
+    """The rows are copied into source order after conversion; a run stopped between the progress file taking the
+    new order and the copy replacing the array finishes the swap, not a second sort."""
+    src = make_source(tmp_path / "src", n=12)
+    (src / "corrupt.png").unlink()
+    settings = dict(resolution=8, center_crop=True, subset=5, seed=3, fmt="npy", show_progress=False)
+    reference = prepare_dataset(src, tmp_path / "ref", **settings)
+    real_replace, stopped = prepare_module.os.replace, []
+
+    def stop_once(source, target):
+        if str(source).endswith(prepare_module.SORTING) and not stopped:
+            stopped.append(source)
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(prepare_module.os, "replace", stop_once)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(src, tmp_path / "dst", **settings)
+    assert (tmp_path / "dst" / prepare_module.SORTING).is_file()
+    resumed = prepare_dataset(src, tmp_path / "dst", **settings)
+    assert resumed.content_hash == reference.content_hash and resumed.converted == 0
+    assert np.array_equal(np.load(tmp_path / "dst" / "images.npy"), np.load(tmp_path / "ref" / "images.npy"))
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["dataset.json", "images.npy"]
 
 
 def test_subset_replaces_unreadable_files(tmp_path):

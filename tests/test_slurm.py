@@ -76,8 +76,12 @@ def test_sweep_becomes_job_arrays_with_the_baseline_once(slurm_cluster, tmp_path
                          "--grid", "pretrain/Stage.mask=['@PatchMask()','@BlockMask()']", "--launcher", "slurm",
                          "--results-dir", str(results), *FAST_SLURM])
     assert code == 0
-    experiments = sorted(p.parent for p in results.glob("*/plan.json"))
-    assert len(experiments) == 4
+    from harness.sweep import build_sweep, parse_grid, sweep_folder_name
+
+    folder = results / sweep_folder_name(build_sweep(str(recipe), FAST_SLURM[1::2], [
+        parse_grid("MASK_RATIO=[0.5,0.75]"), parse_grid("pretrain/Stage.mask=['@PatchMask()','@BlockMask()']")]))
+    experiments = sorted(p.parent for p in folder.glob("*/plan.json"))
+    assert len(experiments) == 4 and not list(results.glob("*/plan.json"))  # the points are in the sweep folder
 
     # The shared scratch baseline: one real folder, the other three points link to it; it trained once.
     scratch_dirs = [_only(e / "scratch", "scratch-*") for e in experiments]
@@ -100,8 +104,42 @@ def test_sweep_becomes_job_arrays_with_the_baseline_once(slurm_cluster, tmp_path
         assert _job(fine)["job_id"] == f"{_job(fine)['array_job_id']}_{_job(fine)['array_index']}"
         assert (fine / "DONE").is_file() and (pre / "DONE").is_file()
         assert (fine / "stage.json").stat().st_mtime >= (pre / "DONE").stat().st_mtime
-    record = json.loads((results / "fast.sweep.json").read_text())
+    record = json.loads((folder / "sweep.json").read_text())
     assert sorted(p["experiment"] for p in record["points"]) == [e.name for e in experiments]
+
+
+def test_a_submission_the_cluster_refuses_is_one_line_naming_the_binding(slurm_cluster, tmp_path, capsys):
+    """A partition the cluster does not have: sbatch refuses, and submitit's FailedJobError used to escape."""
+    recipe = write_fast_recipe(tmp_path)
+    code = harness_main(["run", str(recipe), "--launcher", "slurm", "--results-dir", str(tmp_path / "results"),
+                         "--no-report", *FAST_SLURM, "--gin", "SlurmLauncher.partition = 'nope'"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("harness run: error: SLURM refused to submit stage ")
+    assert "invalid partition" in err.lower() and "change SlurmLauncher.partition (now 'nope')" in err
+
+
+def test_status_shows_the_child_of_a_failed_job_as_blocked(slurm_cluster, tmp_path):
+    """The fine-tuning job waits on a pretraining job that fails: SLURM cancels it (--kill-on-invalid-dep), and
+    `harness status` says blocked, as the records do, rather than failed."""
+    from harness.commands.status import collect as status_of
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+    from harness.launch import SlurmLauncher, launch_plan
+    from harness.results import collect
+
+    text = load_recipe(write_fast_recipe(tmp_path), [
+        "Experiment.arms = {'two_stage': [@pretrain/Stage(), @finetune/Stage()]}",
+        "pretrain/DataConfig.source = 'folder'", f"pretrain/DataConfig.root = '{tmp_path / 'missing'}'"])
+    plan = plan_from_gin(text)
+    results = tmp_path / "results"
+    out = launch_plan(plan, text, results, SlurmLauncher(time_min=10, poll_seconds=1, job_name="harness-test"))
+    assert [(r["name"], r["status"]) for r in out] == [("pretrain", "failed"), ("finetune", "cancelled")]
+    states = {r["stage"]: (r["state"], r["detail"]) for r in status_of(results)}
+    assert states["pretrain"][0] == "failed"
+    assert states["finetune"] == ("blocked", f"waits for its parent stage pretrain ({out[0]['stage_id'][:8]}), "
+                                             "which failed")
+    assert set(collect(results / "fast").status) == {"failed", "blocked"}
 
 
 def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster, tmp_path):

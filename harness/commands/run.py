@@ -44,7 +44,8 @@ def select_stages(plan, wanted: list[str]) -> list[str]:
     return [sid for sid in plan.stages if sid in chosen]  # keep dependency order
 
 
-def print_plan(plan, results_dir: Path) -> None:
+def print_plan(plan, results_dir: Path, jobs: dict) -> None:
+    """The plan as a table; `jobs` (stage id -> StageJob) say what is done, here or in another experiment."""
     from rich.console import Console
     from rich.table import Table
 
@@ -58,7 +59,9 @@ def print_plan(plan, results_dir: Path) -> None:
         model = (f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
                  + (f" +dec{m.decoder_depth}" if m.decoder_depth else "") + f", {m.num_params() / 1e6:.1f}M")
         data = s.data.source if s.data.source != "folder" else f"folder {s.data.root}"
-        status = "done" if plan.is_done(results_dir, sid) else "pending"
+        job = jobs[sid]
+        status = "pending" if not job.done else "done" if job.stage_dir == plan.stage_dir(results_dir, sid) \
+            else f"done in {job.stage_dir.relative_to(results_dir)}"
         table.add_row(", ".join(ps.arms), s.name, sid[:8], (ps.parent or "-")[:8], str(s.steps),
                       str(s.batch_size), f"{s.lr:g}", f"{s.mask.name} ({s.mask.actual_ratio(m.grid):.1%})",
                       model, data, status)
@@ -72,16 +75,20 @@ def main(args: argparse.Namespace) -> int:
     from harness.config import load_recipe
     from harness.errors import HarnessError
     from harness.experiment import plan_from_gin
-    from harness.launch import launch_plan, launcher_from_name, raise_for_failures
+    from harness.launch import Variant, launch_plan, launcher_from_name, raise_for_failures
+    from harness.launch.jobs import build_jobs
 
     results_dir = Path(args.results_dir)
     gin_text = load_recipe(args.recipe, args.gin)
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
-    launcher = launcher_from_name(args.launcher)  # fails early on an unknown launcher or a missing SLURM
-    problems = plan.missing_data(results_dir, stage_ids)
+    # fails early on an unknown launcher or a missing SLURM (a dry run only previews, on any machine)
+    launcher = launcher_from_name(args.launcher, require_slurm=not args.dry_run)
+    # a stage finished in another experiment under results_dir is linked, not trained: it needs no data
+    jobs = {job.stage_id: job for job in build_jobs([Variant(gin_text=gin_text, plan=plan)], results_dir)}
+    problems = plan.missing_data(results_dir, [sid for sid in stage_ids if not jobs[sid].done])
     if args.dry_run:
-        print_plan(plan, results_dir)
+        print_plan(plan, results_dir, jobs)
         for problem in problems:  # a plan can be previewed without the data; a run cannot start
             print(f"note: {problem}", file=sys.stderr)
         return 0

@@ -1,13 +1,18 @@
 """`harness status RESULTS_DIR`: every stage's job, state, step and loss; the log of the failed ones.
 
-A stage not launched yet whose parent failed (or is itself blocked) is `blocked`, not `pending`: it cannot run
-until its parent is run again and finishes (`harness run` reports it as cancelled).
+A stage whose parent failed (or is itself blocked) is `blocked`: it cannot run until its parent is run again and
+finishes (`harness run` reports it as cancelled). That holds for a stage never launched and, under SLURM, for one
+whose job waited on the parent and was cancelled with it (or is still held), as long as it did not fail by itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.launch.state import StageState
 
 HELP = "show every stage of the experiments under a results folder: job, state, step, loss, failures"
 
@@ -24,7 +29,7 @@ def find_plans(results_dir: Path) -> list[Path]:
 
     if (results_dir / "plan.json").is_file():
         return [results_dir / "plan.json"]
-    plans = sorted(results_dir.glob("*/plan.json"))
+    plans = sorted(results_dir.rglob("plan.json"))  # experiments, and sweep folders' points
     if not plans:
         raise HarnessError(f"no plan.json under {results_dir}: pass the --results-dir that `harness run` or "
                            "`harness sweep` wrote to (default: results/)")
@@ -34,7 +39,6 @@ def find_plans(results_dir: Path) -> list[Path]:
 def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     """One record per stage of every experiment found (shared stages appear under each experiment)."""
     from harness.launch.state import slurm_queue, stage_state
-    from harness.results import status_after_parent
 
     plans = find_plans(results_dir)
     needs_queue = False
@@ -52,10 +56,11 @@ def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     for experiment, sid, info, stage_dir in entries:
         state = stage_state(stage_dir, queue, log_lines)
         parent_state, parent_name = seen.get((experiment, info.get("parent") or ""), ("", ""))
-        if status_after_parent(state.state, parent_state) == "blocked":
+        if _blocked(state, parent_state, stage_dir):
             state.state = "blocked"
             which = "failed" if parent_state == "failed" else "is blocked"
             state.detail = f"waits for its parent stage {parent_name} ({info['parent'][:8]}), which {which}"
+            state.log_tail = ""  # a cancelled job's log says nothing about the stage
         seen[(experiment, sid)] = (state.state, info.get("name", ""))
         records.append({"experiment": experiment, "arms": info.get("arms", []), "stage": info.get("name", ""),
                         "stage_id": sid, "dir": str(stage_dir), "steps": info.get("steps"),
@@ -63,6 +68,20 @@ def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
                         "step": state.step, "loss": state.loss, "detail": state.detail, "log_tail": state.log_tail,
                         "_state": state})
     return records
+
+
+def _blocked(state: StageState, parent_state: str, stage_dir: Path) -> bool:
+    """Whether a stage waits on a parent that failed or is blocked (the records' `status_after_parent`).
+
+    Under SLURM such a child never ran: its job was cancelled with the parent (--kill-on-invalid-dep), has left
+    the queue since, or is still held there. Only a FAILED file of its own makes it failed rather than blocked.
+    """
+    from harness.results import status_after_parent
+
+    if status_after_parent(state.state, parent_state) == "blocked":
+        return True
+    return (parent_state in ("failed", "blocked") and state.launcher == "slurm"
+            and state.state in ("failed", "queued") and not (stage_dir / "FAILED").is_file())
 
 
 def _read(path: Path) -> str:

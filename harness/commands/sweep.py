@@ -1,4 +1,9 @@
-"""`harness sweep RECIPE --grid 'KEY=[...]' ...`: one experiment per grid point, shared stages run once."""
+"""`harness sweep RECIPE --grid 'KEY=[...]' ...`: one experiment per grid point, shared stages run once.
+
+The points go to `<results-dir>/<name>-sweep-<hash>/` with the sweep record (sweep.json): that folder is what
+`harness report` and `harness status` take to see this sweep alone. Finished stages anywhere under
+`--results-dir` (another sweep, a plain run) are linked, not trained again.
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--grid \"MASK=['@PatchMask()','@BlockMask()']\"")
     parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
                         help="extra gin binding applied to every point, repeatable")
-    parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    parser.add_argument("--results-dir", default="results",
+                        help="the results root; the sweep gets its own folder in it, <name>-sweep-<hash>/ "
+                             "(default: results/)")
     parser.add_argument("--launcher", default=None,
                         help="inline | local | slurm (default: the recipe's launch/*.gin choice, else inline)")
     parser.add_argument("--dry-run", action="store_true",
@@ -30,43 +37,44 @@ def main(args: argparse.Namespace) -> int:
     from harness.launch import Variant, launch_variants, raise_for_failures
     from harness.launch.jobs import build_jobs
     from harness.launch.run import check_wait
-    from harness.sweep import build_sweep, parse_grid
+    from harness.sweep import build_sweep, parse_grid, sweep_folder_name
 
     grids = [parse_grid(text) for text in args.grid]
     sweep = build_sweep(args.recipe, args.gin, grids)
     launcher = _launcher(args.launcher, args.dry_run)
     check_wait(launcher, not args.no_wait)  # before the sweep record is written
-    results_dir = Path(args.results_dir)
+    root = Path(args.results_dir)
+    folder = root / sweep_folder_name(sweep)
     variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
-    jobs = build_jobs(variants, results_dir)
+    jobs = build_jobs(variants, folder, search_root=root)
+    todo = {job.stage_id for job in jobs if not job.done}  # a stage finished elsewhere needs no data here
     problems: list[str] = []
     for v in sweep:
-        problems += [p for p in v.plan.missing_data(results_dir) if p not in problems]
+        problems += [p for p in v.plan.missing_data(folder, [sid for sid in v.plan.stages if sid in todo])
+                     if p not in problems]
     if args.dry_run:
-        print_dry_run(sweep, jobs, launcher.name)
+        print_dry_run(sweep, jobs, launcher.name, folder)
         for problem in problems:
             print(f"note: {problem}", file=sys.stderr)
         return 0
     if problems:
         raise HarnessError(" | ".join(problems))
-    record = results_dir / f"{sweep[0].base}.sweep.json"
-    _write_record(record, args, sweep)
-    results = launch_variants(variants, results_dir, launcher, wait=not args.no_wait, arrays=True)
+    _write_record(folder / "sweep.json", args, sweep)
+    results = launch_variants(variants, folder, launcher, wait=not args.no_wait, arrays=True, search_root=root)
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print(f"sweep: {len(sweep)} points, {len(results)} distinct stages: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" (record: {record})", file=sys.stderr)
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+          + f"\nsweep folder: {folder} (`harness status {folder}`, `harness report {folder}`)", file=sys.stderr)
     raise_for_failures(results)
     return 0
 
 
 def _launcher(name: str | None, dry_run: bool):
-    from harness.launch import LAUNCHERS, launcher_from_name
+    from harness.launch import launcher_from_name
 
-    if dry_run and name == "slurm":  # previewing the arrays needs no SLURM on this machine
-        return LAUNCHERS["slurm"]()
-    return launcher_from_name(name)
+    return launcher_from_name(name, require_slurm=not dry_run)  # previewing the arrays needs no SLURM here
 
 
 def _write_record(path: Path, args: argparse.Namespace, sweep) -> None:
@@ -78,7 +86,7 @@ def _write_record(path: Path, args: argparse.Namespace, sweep) -> None:
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
 
-def print_dry_run(sweep, jobs, launcher: str) -> None:
+def print_dry_run(sweep, jobs, launcher: str, folder: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,7 +95,7 @@ def print_dry_run(sweep, jobs, launcher: str) -> None:
     console = Console()
     if not console.is_terminal:
         console.width = 200
-    points = Table(title=f"{len(sweep)} sweep points")
+    points = Table(title=f"{len(sweep)} sweep points -> {folder}")
     for column in ("#", "point", "experiment", "stages"):
         points.add_column(column)
     for i, v in enumerate(sweep):

@@ -34,16 +34,17 @@ def launch_plan(plan: Any, gin_text: str, results_dir: str | Path, launcher: Lau
 
 
 def launch_variants(variants: list[Variant], results_dir: str | Path, launcher: LauncherSpec | None = None,
-                    stage_ids: list[str] | None = None, wait: bool = True,
-                    arrays: bool = False) -> list[dict[str, Any]]:
+                    stage_ids: list[str] | None = None, wait: bool = True, arrays: bool = False,
+                    search_root: str | Path | None = None) -> list[dict[str, Any]]:
     """Run several experiments' stages together, each distinct stage once (`arrays`: SLURM job arrays).
 
-    Writes each experiment's plan.json first (`harness run`, `harness sweep` and API callers alike).
+    Writes each experiment's plan.json first (`harness run`, `harness sweep` and API callers alike). A stage
+    finished in another experiment under `search_root` (default: `results_dir`) is linked, not run again.
     """
     launcher = launcher if launcher is not None else InlineLauncher()
     check_wait(launcher, wait)
     results_dir = Path(results_dir)
-    every = build_jobs(variants, results_dir)
+    every = build_jobs(variants, results_dir, search_root)
     jobs = every if stage_ids is None else [job for job in every if job.stage_id in set(stage_ids)]
     _check_parents_done(jobs, every)
     if _is_main_rank():

@@ -7,11 +7,16 @@ sweep. Otherwise the whole array waits for the specific parent elements (`aftero
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from harness.errors import HarnessError
 from harness.launch.jobs import StageJob, read_job_file, write_job_file
 from harness.launch.specs import SlurmLauncher
 from harness.launch.state import QueueEntry
@@ -105,7 +110,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
             level = order_level(level, submitted)
             dependency = level_dependency(level, submitted)
             executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-level{depth}")
-            with executor.batch():
+            with refused_by_sbatch(spec, f"the level-{depth} job array ({len(level)} stages)"), executor.batch():
                 handles = [executor.submit(run_stage_job, *args(job)) for job in level]
             for index, (job, handle) in enumerate(zip(level, handles)):
                 submitted[job.stage_id] = SlurmSubmission(job, handle.job_id, str(handle.job_id).split("_")[0],
@@ -115,7 +120,8 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
                 parent = submitted.get(job.parent) if job.parent else None
                 dependency = f"afterok:{parent.job_id}" if parent is not None else None
                 executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-{job.name}")
-                handle = executor.submit(run_stage_job, *args(job))
+                with refused_by_sbatch(spec, f"stage {job.name} ({job.stage_id[:8]})"):
+                    handle = executor.submit(run_stage_job, *args(job))
                 submitted[job.stage_id] = SlurmSubmission(job, str(handle.job_id), handle=handle,
                                                           dependency=dependency)
         for job in level:
@@ -126,6 +132,54 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
             log.info("submitted stage %s (%s) as SLURM job %s%s", job.name, job.stage_id, sub.job_id,
                      f" after {sub.dependency}" if sub.dependency else "")
     return list(submitted.values())
+
+
+# words in sbatch's complaint -> the SlurmLauncher field that sets that option (first match wins)
+_SBATCH_FIELDS = (("unrecognized option", "extra_sbatch"), ("invalid option", "extra_sbatch"),
+                  ("account", "account"), ("qos", "qos"), ("partition", "partition"), ("feature", "constraint"),
+                  ("constraint", "constraint"), ("gres", "gpus_per_node"), ("gpu", "gpus_per_node"),
+                  ("memory", "mem_gb_per_task"), ("--mem", "mem_gb_per_task"), ("--time", "time_min"),
+                  ("time limit", "time_min"), ("cpu", "cpus_per_task"), ("reservation", "extra_sbatch"))
+
+
+def sbatch_complaint(text: str) -> str:
+    """sbatch's error lines as one line ('invalid partition specified: x; Batch job submission failed: ...')."""
+    lines = [line.strip().removeprefix("sbatch:").strip().removeprefix("error:").strip()
+             for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if line and not line.startswith("Try ")] or ["no message"]
+    return "; ".join(dict.fromkeys(lines))  # keep order, drop repeats
+
+
+def sbatch_advice(spec: SlurmLauncher, complaint: str) -> str:
+    """What to change: the SlurmLauncher binding behind the refused option, when the message names one."""
+    lowered = complaint.lower()
+    field = next((f for word, f in _SBATCH_FIELDS if word in lowered), None)
+    if field is None:
+        return ("check the SlurmLauncher bindings (partition, account, qos, time_min, gpus_per_node, cpus_per_task, "
+                "mem_gb_per_task, constraint, extra_sbatch) in gin/launch/slurm.gin or --gin")
+    return (f"change SlurmLauncher.{field} (now {getattr(spec, field)!r}) in gin/launch/slurm.gin or with "
+            f"--gin 'SlurmLauncher.{field} = ...'")
+
+
+@contextlib.contextmanager
+def refused_by_sbatch(spec: SlurmLauncher, what: str) -> Iterator[None]:
+    """A submission SLURM refuses (sbatch exits non-zero: a bad partition, option, ...) as one HarnessError line.
+
+    Stages submitted before it stay queued; a later launch finds them there and does not submit them again.
+    """
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    printed = io.StringIO()  # submitit also prints sbatch's stderr when it fails: it is in our one line instead
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    except (FailedJobError, FailedSubmissionError, OSError, subprocess.SubprocessError) as err:
+        complaint = sbatch_complaint(str(err) or printed.getvalue())
+        raise HarnessError(f"SLURM refused to submit {what}: {complaint}; {sbatch_advice(spec, complaint)}") from err
+    except BaseException:
+        sys.stderr.write(printed.getvalue())
+        raise
+    sys.stderr.write(printed.getvalue())
 
 
 def preview_levels(jobs: list[StageJob], arrays: bool) -> list[tuple[int, list[StageJob], str | None]]:

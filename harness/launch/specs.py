@@ -117,19 +117,20 @@ def default_launcher(launcher: LauncherSpec | None = None) -> LauncherSpec:
     return launcher if launcher is not None else InlineLauncher()
 
 
-def launcher_from_name(name: str | None = None) -> LauncherSpec:
+def launcher_from_name(name: str | None = None, require_slurm: bool = True) -> LauncherSpec:
     """The spec for `--launcher NAME`, with gin's bindings applied (so call it after parsing the recipe).
 
-    No name: the recipe's choice (`default_launcher.launcher`), else inline.
+    No name: the recipe's choice (`default_launcher.launcher`), else inline. A SLURM launcher, chosen either way,
+    needs `sbatch` here unless `require_slurm` is False (a dry run only previews the jobs).
     """
-    if name is None:
-        return default_launcher()
-    if name not in LAUNCHERS:
+    if name is not None and name not in LAUNCHERS:
         raise HarnessError(f"unknown launcher '{name}': use one of {', '.join(LAUNCHERS)}")
-    if name == "slurm" and shutil.which("sbatch") is None:
-        raise HarnessError("--launcher slurm: SLURM is not installed here (no `sbatch` on PATH); run on a "
-                           "cluster login node, or use --launcher local")
     chosen = default_launcher()
-    if isinstance(chosen, LAUNCHERS[name]):  # keep the recipe's configured instance (e.g. a scoped one)
-        return chosen
-    return LAUNCHERS[name]()
+    if name is not None and not isinstance(chosen, LAUNCHERS[name]):
+        chosen = LAUNCHERS[name]()  # else keep the recipe's configured instance (e.g. a scoped one)
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]  # submitit needs both
+    if require_slurm and isinstance(chosen, SlurmLauncher) and missing:
+        how = "--launcher slurm" if name is not None else "the recipe's launcher (default_launcher.launcher)"
+        raise HarnessError(f"{how}: SLURM is not installed here (no `{'`, `'.join(missing)}` on PATH); run on a "
+                           "cluster login node, or use --launcher local")
+    return chosen
