@@ -228,7 +228,7 @@ class Plan:
     def is_done(self, results_dir: str | Path, stage_id: str) -> bool:
         return (self.stage_dir(results_dir, stage_id) / DONE_MARKER).is_file()
 
-    def missing_data(self, results_dir: str | Path, stage_ids: list[str] | None = None) -> list[str]:
+    def data_problems(self, results_dir: str | Path, stage_ids: list[str] | None = None) -> list[str]:
         """What keeps the (selected) unfinished stages from reading their data, or their data from serving
         their evaluation's metrics (too few images), one line per problem (stages usually share a folder). `harness run` and `sweep` check it before anything trains: otherwise a later
         stage would find its folder missing only after the earlier ones had trained, or on a SLURM node."""

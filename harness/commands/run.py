@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     launcher = launcher_from_name(args.launcher, require_slurm=not args.dry_run)
     # a stage finished in another experiment under results_dir is linked, not trained: it needs no data
     jobs = {job.stage_id: job for job in build_jobs([Variant(gin_text=gin_text, plan=plan)], results_dir)}
-    problems = plan.missing_data(results_dir, [sid for sid in stage_ids if not jobs[sid].done])
+    problems = plan.data_problems(results_dir, [sid for sid in stage_ids if not jobs[sid].done])
     if args.dry_run:
         print_plan(plan, results_dir, jobs)
         for problem in problems:  # a plan can be previewed without the data; a run cannot start

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     todo = {job.stage_id for job in jobs if not job.done}  # a stage finished elsewhere needs no data here
     problems: list[str] = []
     for v in sweep:
-        problems += [p for p in v.plan.missing_data(folder, [sid for sid in v.plan.stages if sid in todo])
+        problems += [p for p in v.plan.data_problems(folder, [sid for sid in v.plan.stages if sid in todo])
                      if p not in problems]
     if args.dry_run:
         print_dry_run(sweep, jobs, launcher.name, folder)
