@@ -119,7 +119,7 @@ def test_flops_ratio_scales_with_the_mask_ratio(tiny_recipe):
     assert bench_spec(spec, BenchOptions(), []) is spec  # nothing to change: the very same stage
 
 
-def test_data_problems_folder_falls_back_to_embedded_images_and_scales_the_estimate(tiny_recipe, tmp_path):
+def test_missing_data_folder_falls_back_to_embedded_images_and_scales_the_estimate(tiny_recipe, tmp_path):
     stages = _stages(tiny_recipe, "DataConfig.source = 'folder'", f"DataConfig.root = '{tmp_path / 'nowhere'}'",
                      "DataConfig.resolution = 32")
     options = BenchOptions(batch_size=4, steps=1, warmup=0, sample_steps=1)

@@ -180,7 +180,7 @@ def test_missing_macro_is_named(tiny_recipe, tmp_path, capsys):
     assert "%MASK_RATIO" in capsys.readouterr().err
 
 
-def test_data_problems_folder_fails_before_training(tmp_path, capsys):
+def test_missing_data_folder_fails_before_training(tmp_path, capsys):
     code = cli_main(["run", "celebahq_mask90", "--gin", f"CELEBAHQ_ROOT = '{tmp_path / 'nowhere'}'",
                      "--results-dir", str(tmp_path / "results"), "--no-report"])
     err = capsys.readouterr().err
