@@ -21,6 +21,7 @@ keeps each row's table of operators by self time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import tempfile
@@ -60,8 +61,13 @@ class BenchOptions:
     device: str = "cpu"
     compare_mask: bool = False
     sample_steps: int = 2  # DDIM steps timed for the sampling figure, scaled to the sampler's steps
-    sample_batch: int | None = None  # images sampled at once; None: the bench batch size
+    sample_batch: int | None = None  # images sampled at once; None: the evaluation's batch on a GPU (the bench
+    # batch on CPU, where a 250-image batch at 256 px would take many minutes and images/s hardly depend on it)
     profile_steps: int = 0  # > 0: also run this many steps under torch.profiler and keep its table per row
+    # Override every benched stage's setting (scoped recipe bindings included); None: the stage's own
+    precision: str | None = None
+    compile: str | None = None
+    attention: str | None = None
 
 
 @dataclass
@@ -93,6 +99,7 @@ class StepBench:
     loader_images_per_second: float
     sampler: str | None  # the sampler whose speed is reported (None for the unmasked twin)
     sampling_images_per_second: float | None
+    sample_batch: int | None  # images per sampling batch behind that figure
     stage_steps: int
     stage_batch_size: int
     estimated_hours: float  # wall-clock hours of the stage's training steps on this device (no evaluation)
@@ -148,7 +155,8 @@ class BenchReport:
 def bench_spec(spec: Stage, options: BenchOptions, notes: list[str]) -> Stage:
     """The stage as benchmarked: the chosen batch size, and embedded data when the data folder is missing or
     unusable (the note quotes why, so a broken folder is not reported as a missing one)."""
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {key: getattr(options, key) for key in ("precision", "compile", "attention")
+                               if getattr(options, key) is not None and getattr(options, key) != getattr(spec, key)}
     if options.batch_size is not None and options.batch_size != spec.batch_size:
         changes["batch_size"] = options.batch_size
         if spec.micro_batch_size and options.batch_size % spec.micro_batch_size:
@@ -192,43 +200,22 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-class PeakMemory:
-    """Peak memory during a stretch of work: CUDA's allocator peak, or on Linux the process's peak resident set
-    (VmHWM, reset through /proc/self/clear_refs); elsewhere the process's lifetime peak (ru_maxrss)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.kind = "cuda allocated" if device.type == "cuda" else "process resident"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.kind = "process resident (lifetime peak)"
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        from harness.cost import _peak_memory_bytes, describe_device
-
-        return _peak_memory_bytes(describe_device(self.device))
-
-
-def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> Callable[[], float]:
-    """A timer of one plain (m, k) x (k, n) matmul; returns the seconds of one call."""
+def matmul_reference(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
+                     min_seconds: float = 2e-3) -> Callable[[], float]:
+    """A timer of a plain (m, k) x (k, n) matmul; returns the seconds of one call. Calls are repeated between two
+    synchronisations until they take `min_seconds`: a small GPU matmul timed alone measures mostly the launch
+    and the sync, which would make the step look faster than its own matmuls."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up (library initialisation, kernel choice)
-    return lambda: _timed(lambda: torch.matmul(a, b), device)
+    once = _timed(lambda: torch.matmul(a, b), device)
+    repeats = max(1, min(1000, math.ceil(min_seconds / max(once, 1e-9))))
+
+    def calls() -> None:
+        for _ in range(repeats):
+            torch.matmul(a, b)
+
+    return lambda: _timed(calls, device) / repeats
 
 
 def data_sheet_peak(device_name: str) -> tuple[str, float] | None:
@@ -262,8 +249,8 @@ def loader_images_per_second(trainer, repeats: int = 20) -> float:
     return n / max(statistics.median(times), 1e-12)
 
 
-def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, float]:
-    """(sampler name, images/s) of the stage's evaluation sampler (the sample grids' DDIM when it has no
+def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, float, int]:
+    """(sampler name, images/s, batch) of the stage's evaluation sampler (the sample grids' DDIM when it has no
     evaluation), from a few timed DDIM steps on the EMA model scaled to the sampler's number of steps."""
     from harness.sampling import SamplerConfig, sample_batch
 
@@ -273,14 +260,15 @@ def sampling_images_per_second(trainer, options: BenchOptions) -> tuple[str, flo
     # a DDIM step with the sampler's eta does the work of any step of the sampler (DDPM is DDIM with eta 1)
     probe = SamplerConfig("ddim", steps, eta=sampler.eta if sampler.kind == "ddim" else 1.0,
                           clip_x0=sampler.clip_x0)
-    n = options.sample_batch or trainer.local_batch
+    n = options.sample_batch or (spec.eval.batch_size if spec.eval is not None and device.type == "cuda"
+                                 else trainer.local_batch)
     shape = (spec.model.in_chans, spec.model.img_size, spec.model.img_size)
     # the sampler as evaluation runs it: the EMA model in the stage's precision (compiled when the stage is)
     run = lambda s: sample_batch(trainer.sampling_net, trainer.diffusion, s, range(n), shape, 0, device)  # noqa: E731
     for _ in range(2):  # warm-up: compilation, and CUDA graphs record on their second call
         run(SamplerConfig("ddim", 1, eta=probe.eta))
     seconds = _timed(lambda: run(probe), device)
-    return sampler.name, n / (seconds / steps * sampler.steps)
+    return sampler.name, n / (seconds / steps * sampler.steps), n
 
 
 def profile_table(trainer, first_step: int, steps: int, rows: int = 15) -> str:
@@ -306,7 +294,7 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 profiles: dict[str, str] | None = None) -> tuple[list[StepBench], MaskComparison | None]:
     """Time one stage (and with `compare_mask` its unmasked twin, interleaved); returns its rows and the
     comparison. With `options.profile_steps`, each row's profiler table goes into `profiles`."""
-    from harness.cost import describe_device
+    from harness.cost import PeakMemory, describe_device
     from harness.train import TrainContext, Trainer
 
     device = torch.device(options.device)
@@ -335,7 +323,8 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
         d, hidden = spec.model.embed_dim, spec.model.mlp_hidden
         tokens = [t.model.tokens_entering_blocks(t.draw(0)[3]) for t in trainers]
         dtype = trainers[0].autocast_dtype or torch.float32
-        matmuls = [matmul_reference(t.local_batch * n, d, hidden, device, dtype) for t, n in zip(trainers, tokens)]
+        # the rows the step's own matmuls have: one micro-batch's tokens (the whole local batch without accumulation)
+        matmuls = [matmul_reference(t.micro_batch * n, d, hidden, device, dtype) for t, n in zip(trainers, tokens)]
 
         progress(f"{spec.name}: timing {options.steps} steps x {len(trainers)}")
         times: list[list[float]] = [[] for _ in trainers]
@@ -359,9 +348,10 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
         for k, (name, variant) in enumerate(variants):
             trainer, median = trainers[k], statistics.median(times[k])
             flops = trainer.step_flops()
-            m = trainer.local_batch * tokens[k]
+            m = trainer.micro_batch * tokens[k]
             matmul_flops = 2 * m * d * hidden / statistics.median(matmul_times[k])
-            sampler, sampling = sampling_images_per_second(trainer, options) if k == 0 else (None, None)
+            sampler, sampling, sample_batch = (sampling_images_per_second(trainer, options) if k == 0
+                                               else (None, None, None))
             scale = planned.spec.batch_size / variant.batch_size
             hours = planned.spec.steps * median * scale / 3600
             rows.append(StepBench(
@@ -379,7 +369,7 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
                 compiled=variant.compile, attention=variant.attention,
                 peak_memory_bytes=peaks[k], peak_memory_kind=memory.kind,
                 loader_images_per_second=loader_images_per_second(trainer), sampler=sampler,
-                sampling_images_per_second=sampling, stage_steps=planned.spec.steps,
+                sampling_images_per_second=sampling, sample_batch=sample_batch, stage_steps=planned.spec.steps,
                 stage_batch_size=planned.spec.batch_size, estimated_hours=hours,
                 estimated_device_hours=hours * info.count, device_hours_unit=info.hours_unit,
                 scaled_from_batch=scale != 1.0))
@@ -402,8 +392,9 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
     if options.steps < 1 or options.warmup < 0 or options.profile_steps < 0:
         raise HarnessError(f"--steps must be >= 1, --warmup and --profile >= 0, got {options.steps}, "
                            f"{options.warmup} and {options.profile_steps}")
-    if options.batch_size is not None and options.batch_size < 1:
-        raise HarnessError(f"--batch-size must be at least 1, got {options.batch_size}")
+    for flag, value in (("--batch-size", options.batch_size), ("--sample-batch", options.sample_batch)):
+        if value is not None and value < 1:
+            raise HarnessError(f"{flag} must be at least 1, got {value}")
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError("--device cuda but no CUDA device is available here; use --device cpu")

@@ -33,6 +33,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -130,6 +131,35 @@ def _peak_memory_bytes(device: DeviceInfo) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+class PeakMemory:
+    """Peak memory during a stretch of work: CUDA's allocator peak, or on Linux the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs); elsewhere the process's lifetime peak (ru_maxrss)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda allocated" if device.type == "cuda" else "process resident"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "process resident (lifetime peak)"
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return _peak_memory_bytes(describe_device(self.device))
+
+
 class CostMeter:
     """Accumulates one stage's cost: steps, images, tokens, FLOPs, train/eval seconds, peak memory."""
 
@@ -158,6 +188,9 @@ class CostMeter:
         self.train_device_seconds = 0.0
         self.eval_device_seconds = 0.0
         self.peak_memory_bytes = 0
+        # From here on: in one process stages run one after another, and a stage's peak is its own.
+        self._memory = PeakMemory(torch.device("cuda" if device.kind == "cuda" else "cpu"))
+        self._memory.reset()
         self._train_started: float | None = None  # clock() while the training clock runs
 
     @classmethod
@@ -216,7 +249,7 @@ class CostMeter:
             self.update_peak_memory()
 
     def update_peak_memory(self) -> None:
-        self.peak_memory_bytes = max(self.peak_memory_bytes, _peak_memory_bytes(self.device))
+        self.peak_memory_bytes = max(self.peak_memory_bytes, self._memory.peak())
 
     def _sync(self) -> None:
         # CUDA kernels run asynchronously: without a sync the clock would stop before the work is done.

@@ -415,7 +415,11 @@ def _samples_folder(run_dir: Path, step: int, keep: bool) -> Iterator[Path]:
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # thousands of PNGs no row will ever point at
+        raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
 

@@ -29,6 +29,7 @@ bench() {  # bench NAME ARGS...
     shift
     case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac
     case " $* " in *" --compile "*) limit=300 ;; esac
+    case " $* " in *" max-autotune "*) limit=900 ;; esac  # autotunes the training graph and the EMA sampler
     echo "=== $name: harness bench $*"
     local start=$SECONDS
     timeout "${BENCH_TIMEOUT:-$limit}" "$python" -m harness bench "$@" --device cuda --json-out "$out/$name.json" \

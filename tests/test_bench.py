@@ -26,7 +26,7 @@ ROW_FIELDS = {
     "matmul_shape", "matmul_flops_per_second", "matmul_fraction", "peak_memory_bytes", "peak_memory_kind",
     "loader_images_per_second", "sampler", "sampling_images_per_second", "stage_steps", "stage_batch_size",
     "estimated_hours", "estimated_device_hours", "device_hours_unit", "scaled_from_batch", "peak_fraction",
-    "precision", "compiled", "attention",
+    "precision", "compiled", "attention", "sample_batch",
 }
 
 
@@ -409,3 +409,45 @@ def test_profile_table_names_the_steps_real_operators(tiny_recipe):
         trainer.train_step(0)
         table = profile_table(trainer, first_step=1, steps=1, rows=1000)
     assert "aten::mm" in table and "aten::_fused_adamw_" in table and "aten::_foreach_lerp_" in table
+
+
+def test_the_matmul_reference_has_the_steps_rows_with_micro_batches(tiny_recipe):
+    """With gradient accumulation the step's matmuls have one micro-batch's rows: the reference must too."""
+    stages = _stages(tiny_recipe, "Stage.micro_batch_size = 2")
+    report = run_bench("tiny", [stages["scratch"]], BenchOptions(steps=1, warmup=0, sample_steps=1))
+    (row,) = report.rows
+    assert list(row.matmul_shape) == [2 * row.tokens_per_image, 64, 256]
+
+
+def test_the_matmul_reference_repeats_small_matmuls_between_two_syncs(monkeypatch):
+    """A small GPU matmul timed alone measures the launch and the sync: the timer repeats it between one pair of
+    synchronisations until the stretch is long enough, and reports the time of one call."""
+    import harness.bench as bench
+
+    syncs, matmuls = [], []
+    real = torch.matmul
+    monkeypatch.setattr(bench, "_synchronize", lambda device: syncs.append(len(matmuls)))
+    monkeypatch.setattr(torch, "matmul", lambda a, b: matmuls.append(1) or real(a, b))
+    timer = bench.matmul_reference(8, 8, 8, torch.device("cpu"), torch.float32, min_seconds=0.01)
+    syncs.clear(), matmuls.clear()
+    seconds = timer()
+    assert len(syncs) == 2 and len(matmuls) > 10  # one pair of syncs around many calls
+    assert 0 < seconds < 0.01 / 5
+
+
+def test_bench_options_override_scoped_recipe_bindings(tiny_recipe):
+    """`--precision` / `--compile` / `--attention` set the benched stage itself: a scoped binding in the recipe
+    (`pretrain/Stage.attention = ...`) used to win over the unscoped one the CLI added."""
+    stages = _stages(tiny_recipe, "pretrain/Stage.attention = 'flash'", "pretrain/Stage.precision = 'fp32'")
+    options = BenchOptions(steps=1, warmup=0, sample_steps=1, attention="math", precision="bf16")
+    (row,) = run_bench("tiny", [stages["pretrain"]], options).rows
+    assert (row.attention, row.precision) == ("math", "bfloat16")
+
+
+def test_sampling_is_timed_at_the_batch_asked_for(tiny_recipe):
+    stages = _stages(tiny_recipe)
+    (row,) = run_bench("tiny", [stages["scratch"]], BenchOptions(steps=1, warmup=0, sample_steps=1)).rows
+    assert row.sample_batch == 8  # CPU: the timed batch (a GPU takes EvalConfig.batch_size)
+    (row,) = run_bench("tiny", [stages["scratch"]],
+                       BenchOptions(steps=1, warmup=0, sample_steps=1, sample_batch=3)).rows
+    assert row.sample_batch == 3

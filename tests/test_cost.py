@@ -79,7 +79,7 @@ def test_masked_uvit_flops_fall_with_the_tokens_kept(ratio):
     """The real MaskedUViT: masked-step FLOPs / unmasked-step FLOPs within 15% (relative) of the ratio of
     tokens entering the blocks. Every layer, the patch embedding included, runs on the visible tokens only;
     attention grows with tokens squared, so it pulls the ratio below the token ratio, never above it."""
-    uvit = pytest.importorskip("harness.models.uvit")
+    import harness.models.uvit as uvit
     from harness.diffusion import DiffusionConfig
     from harness.masks import PatchMask
 
@@ -231,3 +231,23 @@ def test_describe_device_on_cpu_counts_threads():
     info = describe_device("cpu")
     assert info.kind == "cpu" and info.count == torch.get_num_threads()
     assert describe_device("cpu", 3).count == 3 * torch.get_num_threads()  # 3 ranks
+
+
+def test_a_stages_peak_memory_is_its_own_not_the_processes():
+    """Inline runs train stages one after another in one process: a stage's peak must not be an earlier
+    stage's (nor an earlier evaluation's). On Linux the peak resident set is reset when the meter is made."""
+    import pathlib
+
+    from harness.cost import CostMeter
+
+    if not pathlib.Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    big = torch.ones(100 * 2**20)  # 400 MB, touched, then freed
+    del big
+    meter = CostMeter.for_device("cpu")
+    with meter.training():
+        torch.ones(2**20).sum()
+    meter.update_peak_memory()
+    rss = next(int(line.split()[1]) * 1024 for line in pathlib.Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    assert meter.peak_memory_bytes < rss + 100 * 2**20

@@ -122,7 +122,10 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tiny_recipe, tmp_path
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
     steps = [json.loads(l)["step"] for l in (plan.stage_dir(resumed, scratch) / "metrics.jsonl").open()]
-    assert steps == sorted(set(steps))  # no duplicated rows after the resume
+    assert steps == [2, 4, 6, 8, 10, 12]  # every log step once: none lost, none twice
+    for pid, slot in a["optimizer"]["state"].items():
+        for name, tensor in slot.items():
+            torch.testing.assert_close(b["optimizer"]["state"][pid][name], tensor, rtol=0, atol=0)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(tiny_recipe, tmp_path):
@@ -328,3 +331,27 @@ def test_a_dataset_too_small_for_the_metrics_fails_before_training(tiny_recipe, 
     err = capsys.readouterr().err
     assert code == 2 and "the stage's dataset has 128 images" in err
     assert not list(results.rglob("checkpoints"))
+
+
+@pytest.mark.parametrize("init_from, parent_key", [("raw", "model"), ("ema", "ema")])
+def test_a_child_starts_from_its_parents_final_weights(tiny_recipe, tmp_path, init_from, parent_key):
+    """The child's step-0 weights and EMA both equal the chosen weights of the parent's final checkpoint (a stop
+    before the first step checkpoints exactly what the child started from)."""
+    text, plan = _plan(tiny_recipe, f"finetune/Stage.init_from = '{init_from}'")
+    pre, fine = plan.arms["two_stage"]
+    results = tmp_path / "results"
+    run_stage(text, pre, results)
+
+    class StopAtOnce:
+        def is_set(self):
+            return True
+
+    assert run_stage(text, fine, results, stop_event=StopAtOnce())["status"] == "preempted"
+    final = load_checkpoint(plan.stage_dir(results, pre) / "checkpoints" / "step_0000008.pt")
+    parent, other = final[parent_key], final["ema" if parent_key == "model" else "model"]
+    assert not torch.equal(parent["pos_embed"], other["pos_embed"])  # so the test can tell which one was taken
+    child = load_checkpoint(plan.stage_dir(results, fine) / "checkpoints" / "step_0000000.pt")
+    for key in ("model", "ema"):
+        assert child[key].keys() == parent.keys()
+        for name, tensor in parent.items():
+            assert torch.equal(child[key][name], tensor), f"{key}.{name}"

@@ -218,6 +218,20 @@ def test_evaluate_stage_writes_no_row_when_it_fails(tmp_path, extractions):
     assert not (run_dir / "eval_samples").exists()
 
 
+def test_a_scoring_failure_after_sampling_leaves_no_row_and_no_samples(tmp_path, monkeypatch):
+    model, diffusion, data = _stage_parts()
+    run_dir = tmp_path / "run"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inception ran out of memory")
+
+    monkeypatch.setattr(ev, "score_against", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ev.evaluate_stage(model, diffusion, data, _eval_cfg(keep_samples=True), 2, run_dir, "cpu", extra={})
+    assert not (run_dir / "eval.jsonl").exists()
+    assert not list((run_dir / "eval_samples").iterdir())  # neither a finished nor a partial folder
+
+
 # ------------------------------------------------------------------------------------- checks before any work
 
 

@@ -305,6 +305,31 @@ def test_two_runs_into_one_results_folder_at_once(reference, tmp_path):
     assert_same_training_state(reference.state, final_state(results, reference))
 
 
+def test_a_run_that_waited_for_the_lock_skips_the_stage_the_other_run_finished(reference, tmp_path, monkeypatch):
+    """The second run takes the lock only after the first wrote DONE: it must skip the stage, not resume it from
+    the final checkpoint and rewrite its files (the test above cannot tell: its second run may start too late)."""
+    import contextlib
+
+    import harness.stage
+    import harness.train
+
+    stage_dir = tmp_path / "results" / reference.stage_dir
+
+    @contextlib.contextmanager
+    def lock_released_after_the_other_run_finished(path, waiting=""):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "DONE").write_text("step 6\n")
+        yield
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the stage was trained again")
+
+    monkeypatch.setattr(harness.stage, "exclusive_lock", lock_released_after_the_other_run_finished)
+    monkeypatch.setattr(harness.train, "Trainer", no_training)
+    assert run_stage(reference.gin_text, reference.stage_id, tmp_path / "results")["status"] == "skipped"
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["DONE"]  # nothing rewritten
+
+
 # ------------------------------------------------------------------------------------- full or read-only disk
 
 

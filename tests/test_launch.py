@@ -95,17 +95,16 @@ def test_sweep_refuses_a_misspelt_grid_key_like_a_misspelt_gin_override(tmp_path
     assert "changes nothing" in capsys.readouterr().err  # the same rule as --gin
 
 
-def test_sweep_dry_run_of_100_points_is_fast_and_shows_the_arrays(tmp_path, capsys):
+def test_sweep_dry_run_of_100_points_shows_the_arrays(tmp_path, capsys):
+    """(How long it takes is the README's performance figure, measured by hand: machines vary.)"""
     recipe = write_fast_recipe(tmp_path)
     ratios = ",".join(f"{r / 100:.2f}" for r in range(5, 100, 10))
     lrs = ",".join(f"{k}e-4" for k in range(1, 11))
-    start = time.perf_counter()
     code = harness_main(["sweep", str(recipe), "--grid", f"MASK_RATIO=[{ratios}]", "--grid",
                          f"pretrain/Stage.lr=[{lrs}]", "--dry-run", "--launcher", "slurm",
                          "--results-dir", str(tmp_path / "results")])
-    elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
-    assert code == 0 and elapsed < 10, elapsed
+    assert code == 0
     assert "100 sweep points" in out and "201 distinct stages: 201 to run, 0 already done" in out
     assert out.count("aftercorr:<level0>") == 100
     assert not (tmp_path / "results").exists()  # a dry run writes nothing

@@ -241,7 +241,9 @@ def test_cli_reports_an_experiment_and_a_sweep(tmp_path, capsys):
 def test_to_html_escapes_text(tmp_path):
     data = load_data([standard_experiment(tmp_path).dir])
     report = build_report(data, "<script>", budgets=["steps"])
-    assert "<script>" not in to_html(report)
+    page = to_html(report)
+    assert "<script>" not in page
+    assert "<title>&lt;script&gt;" in page and "<h1>&lt;script&gt;" in page  # escaped, not dropped
 
 
 def batch_size_sweep(root, points=((10, 30.0, 25.0), (20, 15.0, 20.0)), arms=("scratch", "two_stage")):

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ratio, the FLOPs ratio and their quotient (target <= 1.25)")
     parser.add_argument("--sample-steps", type=int, default=2,
                         help="DDIM steps timed for the sampling figure, scaled to the sampler's steps (default 2)")
+    parser.add_argument("--sample-batch", type=int, default=None, metavar="N",
+                        help="images per sampling batch for that figure (default: EvalConfig.batch_size on a GPU, "
+                             "the timed batch on CPU)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE",
                         help="torch.compile the model in this mode (as Stage.compile = 'MODE' would; MODE "
@@ -80,19 +83,14 @@ def main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise HarnessError(f"--device {device!r} is not known; use cpu or cuda")
-    bindings = list(args.gin)
-    if args.compile is not None:
-        bindings.append(f"Stage.compile = '{args.compile}'")
-    if args.attention is not None:
-        bindings.append(f"Stage.attention = '{args.attention}'")
-    if args.precision is not None:
-        bindings.append(f"Stage.precision = '{args.precision}'")
-    load_recipe(args.recipe, bindings)
+    load_recipe(args.recipe, list(args.gin))
     plan = plan_from_gin()
     stages = [plan.stages[sid] for sid in select_stages(plan, args.stage)]
     options = BenchOptions(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=device,
                            compare_mask=args.compare_mask, sample_steps=args.sample_steps,
-                           profile_steps=args.profile)
+                           sample_batch=args.sample_batch, profile_steps=args.profile,
+                           # set on each benched stage itself, so that a scoped recipe binding cannot win
+                           precision=args.precision, compile=args.compile, attention=args.attention)
     say = (lambda message: None) if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr))
     report = run_bench(str(args.recipe), stages, options, progress=say)
     if args.json_out:
@@ -137,7 +135,7 @@ def print_report(report) -> None:
         estimate = f"{r.estimated_hours:.3g} h = {r.estimated_device_hours:.3g} {r.device_hours_unit}"
         estimate += " (scaled)" if r.scaled_from_batch else ""
         sampling = "-" if r.sampling_images_per_second is None else \
-            f"{r.sampling_images_per_second:.3g} ({r.sampler})"
+            f"{r.sampling_images_per_second:.3g} ({r.sampler}, x{r.sample_batch})"
         cells = [f"{r.stage}" + (f" [dim]({r.variant})[/]" if r.variant != "stage" else ""),
                  f"{r.mask} ({r.mask_ratio:.1%})", str(r.batch_size), str(r.tokens_per_image),
                  r.precision + ("" if r.compiled == "off" else f" compiled ({r.compiled})")
