@@ -113,15 +113,29 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
                                                                                   rel=1e-5)
 
 
-def _decide(rank: int, world_size: int, port: int, out: str) -> None:
+def _run_stage_as_rank(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, results_dir: str,
+                       out: str) -> None:
+    """One rank of a stage that another run finishes while rank 0 waits for its lock."""
+    import contextlib
+
     import torch.distributed as dist
 
-    from harness.stage import _rank0_decides
+    import harness.stage
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if rank == 0:
+        @contextlib.contextmanager
+        def lock_released_after_the_other_run_finished(path, waiting=""):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(path).parent / "DONE").write_text("step 4\n")
+            yield
+
+        harness.stage.exclusive_lock = lock_released_after_the_other_run_finished
+    else:
+        harness.stage.DONE_MARKER = "DONE-invisible"  # this rank cannot see DONE by itself
     try:
-        # rank 0 holds the stage's lock and finds it DONE; rank 1 looked before the other run finished it
-        Path(out.format(rank=rank)).write_text(str(_rank0_decides(rank == 0)))
+        Path(out.format(rank=rank)).write_text(harness.stage.run_stage(gin_text, stage_id, results_dir)["status"])
     finally:
         dist.destroy_process_group()
 
@@ -129,8 +143,19 @@ def _decide(rank: int, world_size: int, port: int, out: str) -> None:
 def test_every_rank_follows_rank_0s_decision_to_skip_a_finished_stage(tmp_path):
     """Only rank 0 takes the stage's lock: had the other ranks decided on their own, a rank that saw no DONE
     would wait in DDP's set-up for a rank 0 that had gone home (until the 6 h process-group timeout)."""
-    import torch.multiprocessing as mp
+    import multiprocessing
 
-    out = str(tmp_path / "decision_{rank}")
-    mp.spawn(_decide, args=(2, _free_port(), out), nprocs=2, join=True)
-    assert [Path(out.format(rank=r)).read_text() for r in (0, 1)] == ["True", "True"]
+    text, sid = _stage(tmp_path, batch_size=8)
+    out = str(tmp_path / "status_{rank}")
+    context, port = multiprocessing.get_context("spawn"), _free_port()
+    ranks = [context.Process(target=_run_stage_as_rank, args=(r, 2, port, text, sid, str(tmp_path / "results"), out))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert [Path(out.format(rank=r)).read_text() for r in (0, 1)] == ["skipped", "skipped"]
