@@ -159,3 +159,65 @@ def test_every_rank_follows_rank_0s_decision_to_skip_a_finished_stage(tmp_path):
             p.kill()
     assert [p.exitcode for p in ranks] == [0, 0]
     assert [Path(out.format(rank=r)).read_text() for r in (0, 1)] == ["skipped", "skipped"]
+
+
+def _train_with_nan_on_rank_1(rank: int, world_size: int, port: int, gin_text: str, stage_id: str,
+                              results_dir: str, out: str) -> None:
+    """One rank; rank 1 alone gets a NaN loss at step 1 (0-based)."""
+    import torch.distributed as dist
+
+    from harness.diffusion import GaussianDiffusion
+    from harness.stage import run_stage
+    from harness.train import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if rank == 1:
+        current, real_draw, real_loss = {"step": -1}, Trainer.draw, GaussianDiffusion.loss_at
+
+        def draw(self, step):
+            current["step"] = step
+            return real_draw(self, step)
+
+        def loss_at(self, *args, **kwargs):
+            loss = real_loss(self, *args, **kwargs)
+            return loss * float("nan") if current["step"] == 1 else loss
+
+        Trainer.draw, GaussianDiffusion.loss_at = draw, loss_at
+    try:
+        run_stage(gin_text, stage_id, results_dir)
+        outcome = "finished"
+    except Exception as err:  # noqa: BLE001 (what each rank ended with is the point)
+        outcome = f"{type(err).__name__}: {err}"
+    Path(out.format(rank=rank)).write_text(outcome)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Ranks decide on the all-reduced loss: a rank that decided on its own finite loss would go on alone (and
+    wait for the stopped rank at the next all-reduce). Without clipping or a log step no gradient norm is
+    computed, so the loss is all that tells the ranks."""
+    import multiprocessing
+
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+
+    text = load_recipe(write_fast_recipe(tmp_path), [
+        f"scratch/Stage.steps = {STEPS}", "Stage.batch_size = 8", "Stage.checkpoint_every = 100",
+        "Stage.grad_clip = 0.0", "Stage.log_every = 100", "Stage.nan_policy = 'stop'",
+        "Experiment.arms = {'scratch': [@scratch/Stage()]}"])
+    (sid,) = plan_from_gin(text).stages
+    out = str(tmp_path / "outcome_{rank}")
+    context, port = multiprocessing.get_context("spawn"), _free_port()
+    ranks = [context.Process(target=_train_with_nan_on_rank_1,
+                             args=(r, 2, port, text, sid, str(tmp_path / "results"), out)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+    outcomes = [Path(out.format(rank=r)).read_text() if Path(out.format(rank=r)).exists() else "no outcome"
+                for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome.startswith("NonFiniteLoss") and "loss became nan at step 1" in outcome, outcomes
