@@ -27,7 +27,7 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 # a worker process knows every name the launcher knew.
 CONFIGURABLE_MODULES = (
     "harness.masks",
-    "harness.models.uvit",
+    "harness.models.config",  # UViTConfig (the network, harness.models.uvit, needs torch)
     "harness.diffusion",
     "harness.sampling",
     "harness.data",

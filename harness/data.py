@@ -1,9 +1,10 @@
 """Datasets: image folders, prepared datasets, deterministic subsets and the embedded procedural datasets.
 
-`DataConfig` is the gin-configurable spec (plain data, cheap); `DataConfig.build()` makes an `ImageDataset`,
-a torch Dataset of float32 [C, H, W] images in [-1, 1]. Trainers call `get_batch(indices)`, which gathers a
-whole batch at once (one array lookup for embedded and .npy data). The dataset never flips: the trainer mirrors
-images itself (`hflip`) with its own seeded draw, and evaluation and FID references see the images as they are.
+`DataConfig` is the gin-configurable spec (plain data, cheap: planning with it imports neither torch nor PIL);
+`DataConfig.build()` makes an `ImageDataset` (harness/datasets.py), a torch Dataset of float32 [C, H, W] images
+in [-1, 1]. Trainers call `get_batch(indices)`, which gathers a whole batch at once (one array lookup for
+embedded and .npy data). The dataset never flips: the trainer mirrors images itself (`hflip`) with its own seeded
+draw, and evaluation and FID references see the images as they are.
 
 Sources:
 - `shapes`, `faces`: procedural images generated in memory from `seed` (see harness/embedded.py).
@@ -13,19 +14,19 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gin
-import numpy as np
-import torch
-from PIL import Image, ImageOps
 
 from harness import embedded
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.datasets import ImageDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PREPARED_INDEX = "dataset.json"  # written last by harness/prepare.py: its presence means "complete"
@@ -124,7 +125,11 @@ class DataConfig:
         names = [f"{self.source}/{i:06d}" for i in keep] if all_names is None else [all_names[i] for i in keep]
         return keep, names
 
-    def build(self) -> "ImageDataset":
+    def build(self) -> ImageDataset:
+        import numpy as np
+
+        from harness.datasets import ArrayImages, FolderImages, check_headers
+
         if self.source != "folder":
             keep, names = self._chosen()
             images = embedded.generate(self.source, self.num_images, self.resolution, self.seed)
@@ -143,7 +148,7 @@ class DataConfig:
         if not (root / PREPARED_INDEX).is_file() or not self.center_crop:
             # Raw folders are checked up front (headers only), so a corrupt or wrong-size file stops the run
             # before training rather than hours into it; prepared ones were checked when they were written.
-            _check_headers(root, names, self.resolution, exact_size=not self.center_crop)
+            check_headers(root, names, self.resolution, exact_size=not self.center_crop)
         return FolderImages(self, root, names)
 
 def choose_subset(total: int, n: int, seed: int) -> list[int]:
@@ -153,136 +158,10 @@ def choose_subset(total: int, n: int, seed: int) -> list[int]:
 
 def subset_order(total: int, seed: int) -> list[int]:
     """The order in which a subset takes candidates (prepare walks further along it past unreadable files)."""
+    import numpy as np
+
     return np.random.default_rng(seed).permutation(total).tolist()
 
-
-# ---------------------------------------------------------------------------------------------- datasets
-@functools.lru_cache(maxsize=None)
-def _pixel_table(device: str) -> torch.Tensor:
-    # computed on the CPU whatever the device: CUDA divides by a scalar through its reciprocal, which can change
-    # the last bit, and a batch must hold the same values on every device
-    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0).to(device)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor` (on the CPU) on `device`. To a GPU through pinned memory without blocking: a copy from ordinary
-    memory makes the host wait for the device (cudaStreamSynchronize) at every step."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned buffer until the copy ends
-
-
-def pixel_values(device: torch.device | str) -> torch.Tensor:
-    """float32 [256]: the value in [-1, 1] of each uint8 pixel value (v / 127.5 - 1), on `device`."""
-    return _pixel_table(str(torch.device(device)))
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Images as float32 [C, H, W] in [-1, 1]. Subclasses supply `uint8_batch` (uint8 [B, H, W, 3])."""
-
-    def __init__(self, config: DataConfig, names: list[str]):
-        self.config = config
-        self.names = names  # file paths relative to the root, or `shapes/000123` for embedded images
-        self.resolution = config.resolution
-        self.channels = 3
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def uint8_batch(self, indices) -> np.ndarray:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.get_batch([index])[0]
-
-    def get_batch(self, indices, device: torch.device | str | None = None) -> torch.Tensor:
-        """Images `indices` as float32 [B, C, H, W] in [-1, 1], on `device` (default: CPU), never mirrored."""
-        indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        pixels = torch.from_numpy(self.uint8_batch(indices))
-        if device is not None:
-            pixels = to_device(pixels, device)  # the bytes travel: a quarter of the float32 batch
-        return pixel_values(pixels.device)[pixels.int()].permute(0, 3, 1, 2).contiguous()
-
-    def write_manifest(self, path: str | os.PathLike) -> None:
-        self.config.write_manifest(path)
-
-
-class ArrayImages(ImageDataset):
-    """Images held in one uint8 [N, H, W, 3] array: generated in memory, or a memory-mapped prepared .npy."""
-
-    def __init__(self, config: DataConfig, array: np.ndarray, names: list[str], rows: list[int]):
-        super().__init__(config, names)
-        self.array = array
-        self.rows = np.asarray(rows, dtype=np.int64)
-
-    def uint8_batch(self, indices) -> np.ndarray:
-        return np.ascontiguousarray(self.array[self.rows[indices]])
-
-
-class FolderImages(ImageDataset):
-    """Image files decoded on demand (and resized/cropped when `center_crop`)."""
-
-    def __init__(self, config: DataConfig, root: Path, names: list[str]):
-        super().__init__(config, names)
-        self.root = root
-
-    def uint8_batch(self, indices) -> np.ndarray:
-        return np.stack([self._load(self.names[i]) for i in indices])
-
-    def _load(self, name: str) -> np.ndarray:
-        path = self.root / name
-        image = load_rgb(path)
-        if self.config.center_crop:
-            image = fit_square(image, self.resolution)
-        elif image.size != (self.resolution, self.resolution):
-            raise _size_error(path, image.size, self.resolution)
-        return np.asarray(image, dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------- images
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB (EXIF rotation applied); a HarnessError names the file when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise HarnessError(f"cannot read image {path} ({err}); delete or replace it, or run "
-                           f"`harness prepare SRC DST --resolution N`, which skips and lists unreadable files") from err
-
-
-def fit_square(image: Image.Image, resolution: int) -> Image.Image:
-    """Crop the centre square (side = the shorter side), then resize it to resolution x resolution."""
-    width, height = image.size
-    side = min(width, height)
-    if (width, height) != (side, side):
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if side != resolution:  # Lanczos filters when shrinking, so downsampled images do not alias
-        image = image.resize((resolution, resolution), Image.LANCZOS)
-    return image
-
-
-def _size_error(path: Path, size: tuple[int, int], resolution: int) -> HarnessError:
-    return HarnessError(f"image {path} is {size[0]}x{size[1]} but DataConfig.resolution={resolution} and "
-                        f"center_crop is off; set DataConfig.center_crop=True or run `harness prepare SRC DST "
-                        f"--resolution {resolution} --center-crop`")
-
-
-def _check_headers(root: Path, names: list[str], resolution: int, exact_size: bool) -> None:
-    """Every file must open as an image (headers only) and, with `exact_size`, be resolution x resolution."""
-    for name in names:
-        path = root / name
-        try:
-            with Image.open(path) as image:
-                size = image.size
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # a huge image: PIL's bomb guard
-            raise HarnessError(f"cannot read image {path} ({err}); delete or replace it, or run "
-                               f"`harness prepare SRC DST --resolution {resolution}`, which skips unreadable "
-                               "files") from err
-        if exact_size and size != (resolution, resolution):
-            raise _size_error(path, size, resolution)
 
 
 def list_images(root: Path) -> list[str]:
@@ -334,21 +213,16 @@ def _locate(root: Path) -> tuple[str, Path, list[str]]:
     return "folder", root, names
 
 
-# ---------------------------------------------------------------------------------------------- export
-def write_png_folder(dataset: ImageDataset | DataConfig, folder: str | os.PathLike, limit: int | None = None,
-                     batch_size: int = 256) -> int:
-    """Write the first `limit` images (all by default) as `000000.png`, ... into `folder`; returns the count.
+# ---------------------------------------------------------------------------------------------- moved
+# The torch Datasets and the image helpers moved to harness/datasets.py, so that planning imports neither torch
+# nor PIL. `from harness.data import ImageDataset` (etc.) still works: it imports that module on first use.
+_IN_DATASETS = frozenset({"ImageDataset", "ArrayImages", "FolderImages", "to_device", "pixel_values", "load_rgb",
+                          "fit_square", "check_headers", "write_png_folder"})
 
-    Pixels are the dataset's own uint8 values (no flip, no float round trip), so reference statistics computed
-    from these files match the training images exactly.
-    """
-    if isinstance(dataset, DataConfig):
-        dataset = dataset.build()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        for offset, pixels in enumerate(dataset.uint8_batch(list(range(start, stop)))):
-            Image.fromarray(pixels).save(folder / f"{start + offset:06d}.png")
-    return count
+
+def __getattr__(name: str):
+    if name in _IN_DATASETS:
+        from harness import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import gin
-import torch
-import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from harness.models.uvit import gather_patches, patchify, visible_indices
+
+if TYPE_CHECKING:  # torch is imported where schedules and losses are computed: a DiffusionConfig does not need it
+    import torch
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
@@ -29,12 +30,21 @@ LOSSES = ("mse", "l1")
 
 def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
     """Ho et al.'s linear schedule, defined for T=1000 and rescaled to other T (as in improved DDPM)."""
+    import torch
+
     scale = 1000 / timesteps
     return torch.linspace(scale * start, scale * end, timesteps, dtype=torch.float64)
 
 
+def linear_beta_max(timesteps: int, end: float = 0.02) -> float:
+    """The largest beta of `linear_betas(timesteps)` (its last), without torch: what DiffusionConfig checks."""
+    return 1000 / timesteps * end
+
+
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Nichol & Dhariwal's cosine schedule: alpha-bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped."""
+    import torch
+
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
@@ -60,7 +70,7 @@ class DiffusionConfig:
                 raise HarnessError(f"DiffusionConfig.{field}={value!r} is not one of {list(allowed)}")
         if not isinstance(self.timesteps, int) or self.timesteps < 2:
             raise HarnessError(f"DiffusionConfig.timesteps must be an integer >= 2, got {self.timesteps!r}")
-        if self.schedule == "linear" and linear_betas(self.timesteps).max() >= 1:  # its betas grow as 1000/T
+        if self.schedule == "linear" and linear_beta_max(self.timesteps) >= 1:  # its betas grow as 1000/T
             raise HarnessError(f"DiffusionConfig.timesteps={self.timesteps} is too few for the linear schedule "
                                "(its betas reach 1 at 20 steps or fewer); use more steps or schedule='cosine'")
 
@@ -77,6 +87,8 @@ class GaussianDiffusion:
     """Schedule buffers, the forward process, the training loss and the conversions the samplers need."""
 
     def __init__(self, cfg: DiffusionConfig, device=None) -> None:
+        import torch
+
         self.cfg = cfg
         self.timesteps = cfg.timesteps
         betas = linear_betas(cfg.timesteps) if cfg.schedule == "linear" else cosine_betas(cfg.timesteps)
@@ -141,6 +153,8 @@ class GaussianDiffusion:
         `visible_indices(mask)` is accepted too: a trainer that draws masks on the CPU can compute the indices
         there and ship them to the GPU, avoiding the device sync of `nonzero`.
         """
+        import torch
+
         b = x0.shape[0]
         draw_on = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.timesteps, (b,), generator=generator, device=draw_on).to(x0.device)
@@ -157,6 +171,11 @@ class GaussianDiffusion:
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss at given time steps and noise (what `training_loss` computes after drawing them)."""
+        import torch
+        import torch.nn.functional as F
+
+        from harness.models.uvit import gather_patches, patchify, visible_indices
+
         x_t = self.q_sample(x0, t, noise)
         target = self.target(x0, t, noise)
         if mask is None:

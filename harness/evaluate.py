@@ -22,14 +22,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import gin
-import torch
 
 from harness.errors import HarnessError
 from harness.fileio import append_jsonl, atomic_write_text
 from harness.inception import cache_dir, weights_id, weights_path
+
+if TYPE_CHECKING:  # torch is imported where images are written or scored: an EvalConfig in a plan does not need it
+    import torch
 
 METRICS = ("fid", "kid", "prc")
 EXTRACTOR = "inception-v3-compat"
@@ -149,6 +151,7 @@ def folder_content_id(folder: str | os.PathLike) -> str:
 
 def write_pngs(images: torch.Tensor, folder: Path, start: int = 0) -> None:
     """Write images in [-1, 1] as 8-bit PNGs named by their index (what a sampler's output becomes for FID)."""
+    import torch
     from PIL import Image
 
     pixels = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -197,6 +200,8 @@ def _safe(text: str) -> str:
 
 
 def _device(device) -> torch.device:
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -204,6 +209,8 @@ def _device(device) -> torch.device:
 
 def _cuda_context(device) -> contextlib.AbstractContextManager:
     """torch-fidelity's `cuda=True` runs on the *current* CUDA device: make `cuda:N` current while it runs."""
+    import torch
+
     dev = _device(device)
     if dev.type == "cuda" and dev.index is not None:
         return torch.cuda.device(dev)  # touches CUDA only when entered
@@ -250,6 +257,8 @@ def _numpy_array_globals() -> list[Any]:
 def refuse_pickled_code(path: str | os.PathLike, what: str) -> None:
     """Open `path` with torch's safe loader (memory-mapped, so cheap); HarnessError if it holds more than
     tensors and plain containers."""
+    import torch
+
     try:
         # torch-fidelity's own FID statistics are plain numpy arrays: allow just what rebuilds those.
         with torch.serialization.safe_globals(_numpy_array_globals()):
@@ -328,7 +337,7 @@ def dataset_reference(data_cfg, weights: str | os.PathLike | None = None, *, lim
     found = cached_reference(name)
     if found is not None:
         return found
-    from harness.data import write_png_folder
+    from harness.datasets import write_png_folder
 
     data_cfg.check()
     dataset = data_cfg.build()

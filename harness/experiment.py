@@ -60,7 +60,7 @@ class Stage:
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + step) / (10 + step))
     mask: Any = None  # a mask spec from harness.masks; None = NoMask()
-    model: Any = None  # harness.models.uvit.UViTConfig
+    model: Any = None  # harness.models.config.UViTConfig
     data: Any = None  # harness.data.DataConfig
     diffusion: Any = None  # harness.diffusion.DiffusionConfig
     eval: Any = None  # harness.evaluate.EvalConfig, or None for no FID
@@ -81,13 +81,14 @@ class Stage:
     sample_steps: int = 50  # DDIM steps for the sample grids (FID uses eval's sampler)
 
     def __post_init__(self) -> None:
-        # Imported here: these modules import torch, which a plan does not otherwise need.
+        # Imported when a stage is made, so that importing this module stays cheap. None of these modules imports
+        # torch (nor numpy): planning needs neither, and tests/test_planning.py keeps it so.
         from harness.config import check_field_types
         from harness.data import DataConfig
         from harness.diffusion import DiffusionConfig
         from harness.evaluate import EvalConfig
         from harness.masks import Mask, NoMask
-        from harness.models.uvit import UViTConfig
+        from harness.models.config import UViTConfig
 
         if not self.name:
             self.name = gin.current_scope_str().split("/")[-1] or "train"

@@ -22,12 +22,14 @@ import io
 import os
 from importlib import resources
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
 from harness.fileio import atomic_write_bytes, sha256_file
+
+if TYPE_CHECKING:  # torch is imported where weights are converted: finding the cache and weights files needs none
+    import torch
+    from torch import nn
 
 CACHE_ENV = "MASKDM_HARNESS_CACHE"
 CONVERTED_NAME = "inception-v3-tf-fid-from-fid-helper.pth"
@@ -65,6 +67,9 @@ def _fidelity_layout() -> nn.Module:
     assemble the same tree from torch-fidelity's own blocks. Loading the converted dict into the real class with
     strict checking (in `load_extractor`) confirms the two trees agree.
     """
+    import torch
+    from torch import nn
+
     from torch_fidelity.feature_extractor_inceptionv3 import (
         BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE_1, InceptionE_2,
     )
@@ -93,6 +98,8 @@ def _fidelity_layout() -> nn.Module:
 
 def convert_torchscript(source: Path) -> dict[str, torch.Tensor]:
     """The TorchScript's conv + batch-norm tensors as a torch-fidelity `FeatureExtractorInceptionV3` state dict."""
+    import torch
+
     scripted = torch.jit.load(str(source), map_location="cpu").state_dict()
     # Conv layers in definition order, by their weight keys (e.g. "net.layers.mixed_3.tower_1.conv.weight").
     sources = [key[: -len(".weight")] for key in scripted if key.endswith(".weight")]
@@ -142,6 +149,8 @@ def weights_path(user_path: str | os.PathLike | None = None) -> Path:
         return path
     path = cache_dir() / CONVERTED_NAME
     if not path.is_file():
+        import torch
+
         buffer = io.BytesIO()
         torch.save(convert_torchscript(torchscript_path()), buffer)
         atomic_write_bytes(path, buffer.getvalue())  # a crash never leaves a half-written weights file

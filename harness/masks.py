@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import gin
-import torch
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # torch is imported where masks are drawn: specs and plans do not need it
+    import torch
 
 # A ratio like 0.29 is 0.28999999999999998 in binary; without this slack floor(0.29 * 100) would give 28.
 _FLOOR_SLACK = 1e-9
@@ -50,6 +53,8 @@ def _check_ratio(kind: str, ratio: float) -> None:
 
 def _choose(batch: int, n: int, k: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """A bool [batch, n] tensor with exactly k True per row, uniformly at random."""
+    import torch
+
     noise = torch.rand(batch, n, generator=generator, device=device)
     chosen = noise.argsort(dim=1)[:, :k]
     out = torch.zeros(batch, n, dtype=torch.bool, device=device)
@@ -197,6 +202,8 @@ class CropMask(Mask):
         return grid**2 - self.crop_size**2
 
     def sample(self, batch, grid, generator=None, device=None) -> torch.Tensor:
+        import torch
+
         self.validate(grid)
         c = self.crop_size
         draw_on = _draw_device(generator, device)

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.data import (IMAGE_SUFFIXES, PREPARE_PROGRESS, PREPARED_INDEX, fit_square, list_images, load_rgb,
-                          subset_order)
+from harness.data import IMAGE_SUFFIXES, PREPARE_PROGRESS, PREPARED_INDEX, list_images, subset_order
+from harness.datasets import fit_square, load_rgb
 from harness.errors import HarnessError
 from harness.fileio import atomic_write_text
 

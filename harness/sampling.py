@@ -16,11 +16,14 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import gin
-import torch
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # torch is imported where images are sampled: a SamplerConfig in a plan does not need it
+    import torch
 
 KINDS = ("ddim", "ddpm")
 
@@ -74,6 +77,8 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    import torch
+
     return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 
@@ -92,7 +97,6 @@ def _step_coefficients(
     return math.sqrt(a_prev), 0.0, math.sqrt(max(1 - a_prev - sigma**2, 0.0)), sigma
 
 
-@torch.inference_mode()
 def sample_batch(
     model,
     diffusion,
@@ -104,23 +108,26 @@ def sample_batch(
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images number `indices` of the seeded sequence, [len(indices), C, H, W] on `device`, in [-1, 1]."""
-    device = torch.device(device)
-    gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
-    # one host copy of the schedule: the per-step coefficients are Python floats, no device syncs in the loop
-    abar = diffusion.alphas_cumprod.double().cpu().tolist()
-    x = _noise(gens, shape, device)
-    y = None if y is None else y.to(device)
-    for t, t_prev in sampler.time_pairs(diffusion.timesteps):
-        t_batch = torch.full((len(gens),), t, device=device, dtype=torch.long)
-        eps, x0 = diffusion.predict_eps_x0(model(x, t_batch, y=y).float(), x, t_batch)
-        if sampler.clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = diffusion.eps_from_x0(x, t_batch, x0)
-        c_x0, c_xt, c_eps, std = _step_coefficients(abar, t, t_prev, sampler.kind, sampler.eta)
-        x = c_x0 * x0 + c_xt * x + c_eps * eps
-        if std > 0:
-            x = x + std * _noise(gens, shape, device)
-    return x.clamp(-1, 1)
+    import torch
+
+    with torch.inference_mode():
+        device = torch.device(device)
+        gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+        # one host copy of the schedule: the per-step coefficients are Python floats, no device syncs in the loop
+        abar = diffusion.alphas_cumprod.double().cpu().tolist()
+        x = _noise(gens, shape, device)
+        y = None if y is None else y.to(device)
+        for t, t_prev in sampler.time_pairs(diffusion.timesteps):
+            t_batch = torch.full((len(gens),), t, device=device, dtype=torch.long)
+            eps, x0 = diffusion.predict_eps_x0(model(x, t_batch, y=y).float(), x, t_batch)
+            if sampler.clip_x0:
+                x0 = x0.clamp(-1, 1)
+                eps = diffusion.eps_from_x0(x, t_batch, x0)
+            c_x0, c_xt, c_eps, std = _step_coefficients(abar, t, t_prev, sampler.kind, sampler.eta)
+            x = c_x0 * x0 + c_xt * x + c_eps * eps
+            if std > 0:
+                x = x + std * _noise(gens, shape, device)
+        return x.clamp(-1, 1)
 
 
 def sample_batches(
@@ -163,6 +170,8 @@ def sample_images(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """n images [n, C, H, W] in [-1, 1] (on the CPU); `progress(images_done)` is called after every batch."""
+    import torch
+
     out, done = [], 0
     for batch in sample_batches(model, diffusion, sampler, n, shape, seed, batch_size, device, y):
         out.append(batch.float().cpu())

@@ -25,7 +25,7 @@ import torch.nn as nn
 from harness.checkpoint import (load_checkpoint, load_weights_strictly, newest_valid_checkpoint,
                                 save_checkpoint)
 from harness.cost import CostMeter, measure_step_flops
-from harness.data import to_device
+from harness.datasets import to_device
 from harness.errors import HarnessError
 from harness.experiment import Stage
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
