@@ -82,7 +82,7 @@ class Stage:
 
     def __post_init__(self) -> None:
         # Imported when a stage is made, so that importing this module stays cheap. None of these modules imports
-        # torch (nor numpy): planning needs neither, and tests/test_planning.py keeps it so.
+        # torch: planning does not need it, and tests/test_planning.py keeps it so.
         from harness.config import check_field_types
         from harness.data import DataConfig
         from harness.diffusion import DiffusionConfig
@@ -230,9 +230,10 @@ class Plan:
         return (self.stage_dir(results_dir, stage_id) / DONE_MARKER).is_file()
 
     def data_problems(self, results_dir: str | Path, stage_ids: list[str] | None = None) -> list[str]:
-        """What keeps the (selected) unfinished stages from reading their data, or their data from serving
-        their evaluation's metrics (too few images), one line per problem (stages usually share a folder). `harness run` and `sweep` check it before anything trains: otherwise a later
-        stage would find its folder missing only after the earlier ones had trained, or on a SLURM node."""
+        """What keeps the (selected) unfinished stages from reading their data, or their data from serving their
+        evaluation's metrics (too few images), one line per problem (stages usually share a folder). `harness run`
+        and `sweep` check it before anything trains: otherwise a later stage would find its folder missing only
+        after the earlier ones had trained, or on a SLURM node."""
         problems: list[str] = []
         for sid in self.stages if stage_ids is None else stage_ids:
             if self.is_done(results_dir, sid):

@@ -375,8 +375,8 @@ class Trainer:
             self._measure_cost_per_step()
         evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / "eval.jsonl") if "step" in r}
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
-        # A run stopped while sampling or scoring right after a checkpoint resumes *after* that step: do the
-        # grid and the evaluation that step owes before going on (the loop below only looks ahead).
+        # A run stopped while sampling or scoring right after a checkpoint resumes at that step, past the loop's
+        # checks for it: do the grid and the evaluation that step owes before going on.
         if 0 < self.step < spec.steps:
             grid = ctx.run_dir / "samples" / f"step_{self.step:07d}.png"
             if spec.sample_every and self.step % spec.sample_every == 0 and not grid.is_file():

@@ -113,6 +113,26 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batches(tmp_path):
                                                                                   rel=1e-5)
 
 
+def _two_ranks(target, gin_text: str, stage_id: str, tmp_path: Path) -> list[str]:
+    """Run `target(rank, 2, port, gin_text, stage_id, results_dir, out)` as two spawned ranks (killed after 120 s:
+    a rank left waiting for the other is the failure some tests look for); each rank's outcome file, in order."""
+    import multiprocessing
+
+    out = str(tmp_path / "outcome_{rank}")
+    context, port = multiprocessing.get_context("spawn"), _free_port()
+    ranks = [context.Process(target=target, args=(r, 2, port, gin_text, stage_id, str(tmp_path / "results"), out))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+    return [Path(out.format(rank=r)).read_text() if Path(out.format(rank=r)).exists() else "no outcome"
+            for r in (0, 1)]
+
+
 def _run_stage_as_rank(rank: int, world_size: int, port: int, gin_text: str, stage_id: str, results_dir: str,
                        out: str) -> None:
     """One rank of a stage that another run finishes while rank 0 waits for its lock."""
@@ -143,22 +163,9 @@ def _run_stage_as_rank(rank: int, world_size: int, port: int, gin_text: str, sta
 def test_every_rank_follows_rank_0s_decision_to_skip_a_finished_stage(tmp_path):
     """Only rank 0 takes the stage's lock: had the other ranks decided on their own, a rank that saw no DONE
     would wait in DDP's set-up for a rank 0 that had gone home (until the 6 h process-group timeout)."""
-    import multiprocessing
-
     text, sid = _stage(tmp_path, batch_size=8)
-    out = str(tmp_path / "status_{rank}")
-    context, port = multiprocessing.get_context("spawn"), _free_port()
-    ranks = [context.Process(target=_run_stage_as_rank, args=(r, 2, port, text, sid, str(tmp_path / "results"), out))
-             for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in ranks] == [0, 0]
-    assert [Path(out.format(rank=r)).read_text() for r in (0, 1)] == ["skipped", "skipped"]
+    outcomes = _two_ranks(_run_stage_as_rank, text, sid, tmp_path)
+    assert outcomes == ["skipped", "skipped"]
 
 
 def _train_with_nan_on_rank_1(rank: int, world_size: int, port: int, gin_text: str, stage_id: str,
@@ -196,8 +203,6 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     """Ranks decide on the all-reduced loss: a rank that decided on its own finite loss would go on alone (and
     wait for the stopped rank at the next all-reduce). Without clipping or a log step no gradient norm is
     computed, so the loss is all that tells the ranks."""
-    import multiprocessing
-
     from harness.config import load_recipe
     from harness.experiment import plan_from_gin
 
@@ -206,18 +211,6 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
         "Stage.grad_clip = 0.0", "Stage.log_every = 100", "Stage.nan_policy = 'stop'",
         "Experiment.arms = {'scratch': [@scratch/Stage()]}"])
     (sid,) = plan_from_gin(text).stages
-    out = str(tmp_path / "outcome_{rank}")
-    context, port = multiprocessing.get_context("spawn"), _free_port()
-    ranks = [context.Process(target=_train_with_nan_on_rank_1,
-                             args=(r, 2, port, text, sid, str(tmp_path / "results"), out)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-    outcomes = [Path(out.format(rank=r)).read_text() if Path(out.format(rank=r)).exists() else "no outcome"
-                for r in (0, 1)]
+    outcomes = _two_ranks(_train_with_nan_on_rank_1, text, sid, tmp_path)
     for outcome in outcomes:
         assert outcome.startswith("NonFiniteLoss") and "loss became nan at step 1" in outcome, outcomes

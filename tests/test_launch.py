@@ -182,8 +182,8 @@ def test_a_stage_finished_in_another_experiment_is_linked_not_trained(tmp_path, 
     done = stage_folder(a.stage_dir(results, sid), sid)
     (job,) = build_jobs([Variant(b_text, b)], results)
     assert (job.done, job.stage_dir, job.links) == (True, done, [b.stage_dir(results, sid)])
-    assert harness_main(["run", str(recipe), "--results-dir", str(results), "--dry-run", "--gin",
-                         "Experiment.name = 'other'", "--gin", "Experiment.arms = {'baseline': [@scratch/Stage()]}"]) == 0
+    other = ["--gin", "Experiment.name = 'other'", "--gin", "Experiment.arms = {'baseline': [@scratch/Stage()]}"]
+    assert harness_main(["run", str(recipe), "--results-dir", str(results), "--dry-run", *other]) == 0
     assert f"done in fast/scratch/scratch-{sid[:8]}" in capsys.readouterr().out
 
     def trained(*args, **kwargs):
