@@ -309,15 +309,19 @@ def bench_stage(planned: PlannedStage, options: BenchOptions, notes: list[str],
     memory = PeakMemory(device)
     trainers, peaks = [], []
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as run_dir:
+        before = memory.current()
         for _, variant in variants:
             progress(f"{spec.name}: building {variant.mask.name}-mask trainer")
+            # what the trainers built before this one hold (weights, EMA, optimizer state, gradients): not this
+            # row's, so its peak is reported without it, as if benched alone
+            held_by_others = memory.current() - before
             trainer = Trainer(TrainContext(spec=variant, stage_id=planned.id, run_dir=Path(run_dir),
                                            device=device))
             for step in range(options.warmup):
                 trainer.train_step(step)
-            memory.reset()  # the peak of one step alone (the other variant's weights are resident too)
+            memory.reset()  # the peak of one step
             trainer.train_step(options.warmup)
-            peaks.append(memory.peak())
+            peaks.append(memory.peak() - max(held_by_others, 0))
             trainers.append(trainer)
 
         d, hidden = spec.model.embed_dim, spec.model.mlp_hidden
@@ -422,6 +426,6 @@ def run_bench(recipe: str, stages: list[PlannedStage], options: BenchOptions,
                             "stage's own batch size (time it at that size for a firmer figure)")
     if device.type == "cpu":
         report.notes.append("peak memory on CPU: the process's peak resident memory during one step (with "
-                            "--compare-mask both variants' weights are resident); device-hours on CPU are "
+                            "--compare-mask, less what the row before it holds); device-hours on CPU are "
                             "core-hours (wall hours x threads)")
     return report

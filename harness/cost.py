@@ -148,6 +148,18 @@ class PeakMemory:
         except OSError:
             self.kind = "process resident (lifetime peak)"
 
+    def current(self) -> int:
+        """Memory in use now (CUDA allocated, or the resident set), e.g. to take another object's share out."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     def peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))

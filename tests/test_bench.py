@@ -451,3 +451,17 @@ def test_sampling_is_timed_at_the_batch_asked_for(tiny_recipe):
     (row,) = run_bench("tiny", [stages["scratch"]],
                        BenchOptions(steps=1, warmup=0, sample_steps=1, sample_batch=3)).rows
     assert row.sample_batch == 3
+
+
+def test_with_compare_mask_each_rows_peak_leaves_out_what_the_row_before_holds(tiny_recipe, monkeypatch):
+    """The unmasked twin is built while the masked trainer (weights, EMA, AdamW state, gradients) stays resident:
+    its row subtracts what was held before it was built, as if it had been benched alone."""
+    from harness.cost import PeakMemory
+
+    in_use = iter([100, 100, 600])  # before any trainer; before the first; before the second (+500 held)
+    monkeypatch.setattr(PeakMemory, "current", lambda self: next(in_use))
+    monkeypatch.setattr(PeakMemory, "peak", lambda self: 1000)
+    stages = _stages(tiny_recipe)
+    options = BenchOptions(steps=1, warmup=0, sample_steps=1, compare_mask=True)
+    rows = run_bench("tiny", [stages["pretrain"]], options).rows
+    assert [(row.variant, row.peak_memory_bytes) for row in rows] == [("stage", 1000), ("no mask", 500)]
