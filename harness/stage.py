@@ -91,38 +91,38 @@ def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_tex
     atomic_write_text(run_dir / "config.gin", operative_config())  # rewritten at the end, when complete
 
 
-def _rank0_decides(flag: bool) -> bool:
-    """Rank 0's value of `flag` on every rank (the value itself when not distributed)."""
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (the value itself when not distributed): rank 0 alone holds the stage's
+    lock and reads its folder, and every rank must take the same way (the others would otherwise wait in DDP's
+    set-up for a rank 0 that has gone home, until the 6 h process-group timeout)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    box = [flag]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]
 
 
-def _record_or_check_data(data: Any, manifest_path: Path, resuming: bool) -> None:
-    """Write which images the stage trains on; on resume, refuse to go on when they are no longer the same.
+def _data_change(data: Any, manifest_path: Path) -> str | None:
+    """Why a stage must not resume on its data, or None: the image list differs from the one it started with.
 
     The data is not part of the stage id (a folder may move between machines), so a resumed stage checks the
-    list of images it started with: another list would change every later batch and mix two datasets in one run.
-    File times are not compared: copying a dataset to a node's local disk changes them and nothing else.
+    list it recorded: another list would change every later batch and mix two datasets in one run. File times
+    are not compared: copying a dataset to a node's local disk changes them and nothing else.
     """
     manifest = None
-    if resuming and manifest_path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            manifest = json.loads(manifest_path.read_text())
-    if isinstance(manifest, dict) and isinstance(manifest.get("files"), list):
-        then, now = manifest["files"], data.names()
-        if then != now:
-            changed = next((f"image {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(then, now)) if a != b),
-                           f"{len(then)} images then, {len(now)} now")
-            raise HarnessError(f"the data of this stage changed since it started ({changed}; recorded in "
-                               f"{manifest_path}); restore the data, or delete {manifest_path.parent} to start "
-                               "the stage over")
-        return
-    data.write_manifest(manifest_path)
+    with contextlib.suppress(OSError, ValueError):
+        manifest = json.loads(manifest_path.read_text())
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)):
+        return None  # no record (a folder from before manifests were kept): nothing to compare with
+    then, now = manifest["files"], data.names()
+    if then == now:
+        return None
+    changed = next((f"image {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(then, now)) if a != b),
+                   f"{len(then)} images then, {len(now)} now")
+    return (f"the data of this stage changed since it started ({changed}; recorded in {manifest_path}); restore "
+            f"the data, or delete {manifest_path.parent} to start the stage over")
 
 
 def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event: Any = None) -> dict[str, Any]:
@@ -138,30 +138,33 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     run_dir = plan.stage_dir(results_dir, stage_id)
     summary = {"stage_id": stage_id, "name": spec.name, "dir": str(run_dir)}
     rank, world_size = is_distributed()
-    if _rank0_decides((run_dir / DONE_MARKER).is_file()):
+    if _from_rank0((run_dir / DONE_MARKER).is_file()):
         return {**summary, "status": "skipped"}
 
     is_main = rank == 0
     device = pick_device(rank)
     spec.data.check()
-    # A stage resuming from its own checkpoint needs nothing from its parent (whose files may be gone by now).
-    resuming = newest_valid_checkpoint(run_dir / "checkpoints") is not None
-    init_weights, init_source = (None, "") if resuming else initial_weights(plan, planned, results_dir)
     # One writer per run folder: a second run of the same stage (two `harness run`s, overlapping sweeps) waits
-    # here and then finds it done, instead of training beside the first and logging every row twice.
+    # here and then finds it done, instead of training beside the first and logging every row twice. What the
+    # folder holds is read under the lock, by rank 0, for every rank.
     lock = (exclusive_lock(run_dir / LOCK_FILE, f"stage {spec.name}: {run_dir} is in use by another process; "
                            "waiting for it to finish") if is_main else contextlib.nullcontext())
     with lock:
-        # Only rank 0 holds the lock, so it decides for every rank (the others would wait in DDP's set-up
-        # for a rank 0 that has gone home).
-        if _rank0_decides((run_dir / DONE_MARKER).is_file()):
+        if _from_rank0((run_dir / DONE_MARKER).is_file()):
             return {**summary, "status": "skipped"}
+        resuming = _from_rank0(is_main and newest_valid_checkpoint(run_dir / "checkpoints") is not None)
+        manifest = run_dir / "data_manifest.json"
+        problem = _from_rank0(_data_change(spec.data, manifest) if is_main and resuming else None)
+        if problem:
+            raise HarnessError(problem)  # before anything in the folder is rewritten
+        # A stage resuming from its own checkpoint needs nothing from its parent (whose files may be gone by now).
+        init_weights, init_source = (None, "") if resuming else initial_weights(plan, planned, results_dir)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
             _write_stage_files(plan, planned, run_dir, gin_text)
-            _record_or_check_data(spec.data, run_dir / "data_manifest.json",
-                                  resuming=newest_valid_checkpoint(run_dir / "checkpoints") is not None)
+            if not (resuming and manifest.is_file()):  # the record of what the stage started on is kept
+                spec.data.write_manifest(manifest)
 
         evaluate = None
         if spec.eval is not None:

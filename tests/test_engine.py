@@ -281,8 +281,11 @@ def test_a_stage_will_not_resume_on_other_images_than_it_started_with(tiny_recip
     assert run_stage(text, sid, results, stop_event=StopAfter(2))["status"] == "preempted"
     (images / "img03.png").unlink()
     _write_images(images, ["zzz.png"])
+    folder = plan.stage_dir(results, sid)
+    written = {name: (folder / name).stat().st_mtime_ns for name in ("stage.json", "recipe.gin", "config.gin")}
     with pytest.raises(HarnessError, match="data of this stage changed since it started .image 3: img03.png then"):
         run_stage(text, sid, results)
+    assert {name: (folder / name).stat().st_mtime_ns for name in written} == written  # refused before any write
     manifest = json.loads((plan.stage_dir(results, sid) / "data_manifest.json").read_text())
     assert "img03.png" in manifest["files"]  # still the record of what the stage trained on
 
