@@ -60,8 +60,9 @@ def _weights_from(checkpoint: dict[str, Any], which: str, source: str) -> dict[s
                        "`harness convert` first")
 
 
-def initial_weights(plan: Plan, planned: PlannedStage, results_dir: Path) -> tuple[dict | None, str]:
-    """The weights a stage starts from: its parent's final checkpoint, an external file, or none."""
+def start_checkpoint(plan: Plan, planned: PlannedStage, results_dir: Path) -> Path | None:
+    """The file a new stage starts from (its parent's final checkpoint, an external file) or None; raises when it
+    cannot be used, so that a stage is refused before its folder is made."""
     spec = planned.spec
     if planned.parent is not None:
         parent_dir = plan.stage_dir(results_dir, planned.parent)
@@ -69,18 +70,25 @@ def initial_weights(plan: Plan, planned: PlannedStage, results_dir: Path) -> tup
             raise HarnessError(f"stage '{spec.name}' needs its parent {parent_dir} to be finished first "
                                "(run the whole recipe, or its parent stage)")
         # the parent's *final* weights: an older checkpoint would silently shorten the arm's pretraining
-        final_step = plan.stages[planned.parent].spec.steps
-        path = checkpoint_path(parent_dir / "checkpoints", final_step)
+        path = checkpoint_path(parent_dir / "checkpoints", plan.stages[planned.parent].spec.steps)
         if not is_valid(path):
             raise HarnessError(f"the parent stage {parent_dir} is marked done but its final checkpoint {path.name} "
                                "is missing or corrupt; delete its DONE file to train the rest of it again")
-        source = f"{path} ({spec.init_from} weights)"
-        return _weights_from(load_checkpoint(path), spec.init_from, source), source
+        return path
     if spec.init_checkpoint:
         path = Path(spec.init_checkpoint).expanduser()
-        source = f"{path} ({spec.init_from} weights)"
-        return _weights_from(load_checkpoint(path), spec.init_from, source), source
-    return None, ""
+        if not path.is_file():
+            raise HarnessError(f"checkpoint {path} does not exist (Stage.init_checkpoint of stage '{spec.name}')")
+        return path
+    return None
+
+
+def initial_weights(spec: Any, path: Path | None) -> tuple[dict | None, str]:
+    """The weights in `path` that the stage starts from (raw or EMA, `Stage.init_from`), and where from."""
+    if path is None:
+        return None, ""
+    source = f"{path} ({spec.init_from} weights)"
+    return _weights_from(load_checkpoint(path), spec.init_from, source), source
 
 
 def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_text: str) -> None:
@@ -144,6 +152,9 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     is_main = rank == 0
     device = pick_device(rank)
     spec.data.check()
+    # A new stage is refused (missing parent or file) before its folder is made; one with checkpoints of its own
+    # may resume without them, which is decided under the lock.
+    start = None if (run_dir / "checkpoints").is_dir() else start_checkpoint(plan, planned, results_dir)
     # One writer per run folder: a second run of the same stage (two `harness run`s, overlapping sweeps) waits
     # here and then finds it done, instead of training beside the first and logging every row twice. What the
     # folder holds is read under the lock, by rank 0, for every rank.
@@ -158,7 +169,12 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
         if problem:
             raise HarnessError(problem)  # before anything in the folder is rewritten
         # A stage resuming from its own checkpoint needs nothing from its parent (whose files may be gone by now).
-        init_weights, init_source = (None, "") if resuming else initial_weights(plan, planned, results_dir)
+        if resuming:
+            init_weights, init_source = None, ""
+        else:
+            if start is None:  # not looked up above (checkpoints/ but no valid one), or nothing to look up
+                start = start_checkpoint(plan, planned, results_dir)
+            init_weights, init_source = initial_weights(spec, start)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / FAILED_MARKER).unlink(missing_ok=True)  # a retry starts clean
