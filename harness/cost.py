@@ -152,24 +152,24 @@ class PeakMemory:
         """Memory in use now (CUDA allocated, or the resident set), e.g. to take another object's share out."""
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        return _proc_status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return _peak_memory_bytes(describe_device(self.device))
+        peak = _proc_status_bytes("VmHWM")
+        return peak if peak is not None else _peak_memory_bytes(describe_device(self.device))
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of Linux's /proc/self/status (VmRSS, VmHWM) in bytes; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class CostMeter:
