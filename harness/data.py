@@ -211,18 +211,3 @@ def _locate(root: Path) -> tuple[str, Path, list[str]]:
         raise HarnessError(f"data folder {root} has no images ({', '.join(IMAGE_SUFFIXES)}, searched "
                            f"recursively); {hint}")
     return "folder", root, names
-
-
-# ---------------------------------------------------------------------------------------------- moved
-# The torch Datasets and the image helpers moved to harness/datasets.py, so that planning imports neither torch
-# nor PIL. `from harness.data import ImageDataset` (etc.) still works: it imports that module on first use.
-_IN_DATASETS = frozenset({"ImageDataset", "ArrayImages", "FolderImages", "to_device", "pixel_values", "load_rgb",
-                          "fit_square", "check_headers", "write_png_folder"})
-
-
-def __getattr__(name: str):
-    if name in _IN_DATASETS:
-        from harness import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

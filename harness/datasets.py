@@ -2,7 +2,7 @@
 moving batches to a device, exporting PNG folders).
 
 Kept apart from harness/data.py, whose `DataConfig` must stay importable without torch or PIL: recipes
-are parsed and stages planned (`harness run --dry-run`) without them. harness.data re-exports these names.
+are parsed and stages planned (`harness run --dry-run`) without them.
 """
 from __future__ import annotations
 

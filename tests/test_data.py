@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import DataConfig, choose_subset, list_images, write_png_folder
+from harness.data import DataConfig, choose_subset, list_images
+from harness.datasets import write_png_folder
 from harness.errors import HarnessError
 
 GIN_DATA = Path(__file__).resolve().parent.parent / "gin" / "data"
@@ -91,7 +92,7 @@ def test_pixel_values_are_exact_and_the_same_on_every_device():
     """uint8 v -> v / 127.5 - 1 in float32, correctly rounded (numpy's IEEE division), from one table that is
     computed on the CPU and looked up wherever the batch lives (CUDA's scalar division may differ in the last
     bit)."""
-    from harness.data import pixel_values
+    from harness.datasets import pixel_values
 
     exact = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
     assert np.array_equal(pixel_values("cpu").numpy(), exact)
@@ -182,7 +183,7 @@ def test_folder_errors_name_the_folder_or_file(tmp_path):
 def test_huge_image_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
     """PIL refuses images over 2 x MAX_IMAGE_PIXELS on open (a decompression bomb): the header check of a raw
     folder and the decoder both turn that into a HarnessError naming the file, not a traceback."""
-    from harness.data import load_rgb
+    from harness.datasets import load_rgb
 
     root = random_folder(tmp_path / "bomb", 2, size=16)  # 256 pixels each
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the limit is 2 x 100 pixels

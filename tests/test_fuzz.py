@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import TINY_RECIPE
 from harness.config import load_recipe
-from harness.data import DataConfig, load_rgb
+from harness.data import DataConfig
+from harness.datasets import load_rgb
 from harness.errors import HarnessError
 from harness.experiment import plan_from_gin
 
