@@ -8,6 +8,12 @@ at equal cost without opening the run folders again:
 - the measurement: step (within the stage), metric, value. Metrics come from eval.jsonl (torch-fidelity's long
   names shortened: fid, kid, kid_std, isc, precision, recall) and the stage's last logged training loss from
   metrics.jsonl (metric 'loss');
+- the measurement's uncertainty and noise floor, from the same eval.jsonl row (NaN / empty in run folders
+  evaluated before harness.evaluate recorded them): value_std (FID: fid_boot_std, the bootstrap std over
+  generated and reference features; KID: kid_std), ci_low / ci_high (the 95% interval: fid_ci_*, kid_ci_*),
+  floor (the metric between two disjoint real sets at the evaluation's counts: floor_fid, floor_kid,
+  floor_precision, floor_recall), and the evaluation's n_samples, n_reference, floor_n_a, floor_n_b, floor_note
+  (why the split was reduced, else empty), bootstrap_method, bootstrap_resamples;
 - cost at that step, cumulative along the arm: total_steps, images_seen, tokens_seen, train_flops,
   device_hours, train_seconds. A fine-tuning stage adds its parent chain's final cost.json totals, because
   the fine-tuned model's cost includes its pretraining. (A stage started from an external checkpoint,
@@ -44,13 +50,25 @@ METRIC_ALIASES = {
     "inception_score_mean": "isc",
     "inception_score_std": "isc_std",
 }
+# metric -> eval.jsonl keys of its spread: (std, 95% interval low, high); and of its noise floor
+SPREAD_KEYS = {"fid": ("fid_boot_std", "fid_ci_low", "fid_ci_high"),
+               "kid": ("kernel_inception_distance_std", "kid_ci_low", "kid_ci_high")}
+FLOOR_KEYS = {"fid": "floor_fid", "kid": "floor_kid", "precision": "floor_precision", "recall": "floor_recall"}
+# per-evaluation columns copied onto each of its metric rows as they are (numbers, except the two strings)
+EVAL_INFO_KEYS = ("n_samples", "n_reference", "floor_n_a", "floor_n_b", "floor_note", "bootstrap_method",
+                  "bootstrap_resamples")
+_STRING_INFO = ("floor_note", "bootstrap_method")
 # eval.jsonl keys that describe the evaluation rather than measure the model
 _EVAL_CONTEXT_KEYS = {"step", "n_samples", "n_reference", "sampler", "sampler_steps", "eta", "reference", "seed",
-                      "kid_subset_size", "sample_seconds", "score_seconds", "time", "steps", *COST_KEYS}
+                      "kid_subset_size", "sample_seconds", "score_seconds", "time", "steps", *COST_KEYS,
+                      *EVAL_INFO_KEYS, *(k for keys in SPREAD_KEYS.values() for k in keys[1:]), "fid_boot_std",
+                      *FLOOR_KEYS.values()}
+UNCERTAINTY_COLUMNS = ["value_std", "ci_low", "ci_high", "floor", *EVAL_INFO_KEYS]
 
 COLUMNS = [
     "experiment", "arm", "stage", "stage_id", "parent_id", "stage_index", "stage_dir", "status", "seed", "mask",
-    "mask_ratio", "step", "metric", "value", "total_steps", *COST_KEYS, *(f"stage_{k}" for k in COST_KEYS),
+    "mask_ratio", "step", "metric", "value", *UNCERTAINTY_COLUMNS, "total_steps", *COST_KEYS,
+    *(f"stage_{k}" for k in COST_KEYS),
 ]
 
 
@@ -127,6 +145,22 @@ def _metrics_of(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _number(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan  # JSON null or absent -> NaN (NaN itself stays)
+
+
+def _uncertainty_of(metric: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The spread, interval and floor of `metric` in an eval.jsonl row, and the evaluation's counts (NaN / ''
+    for what an older row lacks)."""
+    std, low, high = SPREAD_KEYS.get(metric, (None, None, None))
+    out: dict[str, Any] = {"value_std": _number(row.get(std)), "ci_low": _number(row.get(low)),
+                           "ci_high": _number(row.get(high)), "floor": _number(row.get(FLOOR_KEYS.get(metric)))}
+    for key in EVAL_INFO_KEYS:
+        value = row.get(key)
+        out[key] = (value if isinstance(value, str) else "") if key in _STRING_INFO else _number(value)
+    return out
+
+
 def _stage_cost_at(step: int, row: dict[str, Any], info: dict[str, Any], cost: dict[str, Any] | None) -> dict:
     """Stage-local cost after `step` steps: the row's own cost keys, else what cost.json lets us derive."""
     out = {k: float(row[k]) for k in COST_KEYS if _is_number(row.get(k))}
@@ -159,26 +193,29 @@ def _stage_rows(experiment_dir: Path, plan: dict, arm: str, sid: str, offset: di
         "stage_id": sid, "parent_id": info.get("parent"), "stage_index": None, "stage_dir": info["dir"],
         "status": status, "seed": info.get("seed"), "mask": info.get("mask"), "mask_ratio": info.get("mask_ratio"),
     }
-    measured: list[tuple[int, str, float, dict]] = []
+    measured: list[tuple[int, str, float, dict, dict]] = []
     evals = {int(row["step"]): row for row in _last_per_step(read_jsonl(stage_dir / "eval.jsonl"))}
     for step, row in evals.items():
         local = _stage_cost_at(step, row, info, cost)
-        measured += [(step, metric, value, local) for metric, value in sorted(_metrics_of(row).items())]
+        measured += [(step, metric, value, local, _uncertainty_of(metric, row))
+                     for metric, value in sorted(_metrics_of(row).items())]
     logged = _last_per_step(read_jsonl(stage_dir / "metrics.jsonl"))
     if logged and _is_number(logged[-1].get("loss")):
         step = int(logged[-1]["step"])
         local = _stage_cost_at(step, evals.get(step, {}), info, cost)
-        measured.append((step, "loss", float(logged[-1]["loss"]), local))
+        measured.append((step, "loss", float(logged[-1]["loss"]), local, _uncertainty_of("loss", {})))
 
     rows = []
-    for step, metric, value, local in sorted(measured, key=lambda m: (m[0], m[1])):
-        row = {**base, "step": step, "metric": metric, "value": value, "total_steps": offset["steps"] + step}
+    for step, metric, value, local, spread in sorted(measured, key=lambda m: (m[0], m[1])):
+        row = {**base, "step": step, "metric": metric, "value": value, **spread,
+               "total_steps": offset["steps"] + step}
         row.update({k: offset[k] + local[k] for k in COST_KEYS})
         row.update({f"stage_{k}": local[k] for k in COST_KEYS})
         rows.append(row)
     if not rows:  # nothing measured yet: keep the stage visible with its status
         empty = {k: math.nan for k in COST_KEYS}
-        rows.append({**base, "step": None, "metric": None, "value": math.nan, "total_steps": None, **empty,
+        rows.append({**base, "step": None, "metric": None, "value": math.nan, **_uncertainty_of("", {}),
+                     "total_steps": None, **empty,
                      **{f"stage_{k}": math.nan for k in COST_KEYS}})
     return rows
 
@@ -210,9 +247,11 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     """Stable dtypes, so that a table read back from parquet equals the collected one."""
     for col in ("step", "total_steps", "stage_index", "seed"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
-    for col in ("value", "mask_ratio", *COST_KEYS, *(f"stage_{k}" for k in COST_KEYS)):
+    numeric = [c for c in UNCERTAINTY_COLUMNS if c not in _STRING_INFO]
+    for col in ("value", "mask_ratio", *numeric, *COST_KEYS, *(f"stage_{k}" for k in COST_KEYS)):
         df[col] = pd.to_numeric(df[col]).astype("float64")
-    for col in ("experiment", "arm", "stage", "stage_id", "parent_id", "stage_dir", "status", "mask", "metric"):
+    for col in ("experiment", "arm", "stage", "stage_id", "parent_id", "stage_dir", "status", "mask", "metric",
+                *_STRING_INFO):
         df[col] = df[col].astype("string")
     return df.reset_index(drop=True)
 
@@ -233,5 +272,10 @@ def write_table(df: pd.DataFrame, folder: str | Path) -> None:
 
 
 def read_records(experiment_dir: str | Path) -> pd.DataFrame:
-    """records.parquet as written by `write_records`."""
-    return _typed(pd.read_parquet(Path(experiment_dir) / RECORDS_PARQUET))
+    """records.parquet as written by `write_records` (one written before the uncertainty columns gets them
+    empty)."""
+    df = pd.read_parquet(Path(experiment_dir) / RECORDS_PARQUET)
+    for col in UNCERTAINTY_COLUMNS:
+        if col not in df:
+            df[col] = "" if col in _STRING_INFO else math.nan
+    return _typed(df[[c for c in COLUMNS if c in df]])

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from fixtures.synthetic_runs import add_partial_arm, standard_experiment
+from fixtures.synthetic_runs import FLOOR_FID, FLOOR_KID, add_partial_arm, standard_experiment
 from harness.errors import HarnessError
-from harness.results import COLUMNS, collect, find_experiments, read_records, write_records
+from harness.results import COLUMNS, UNCERTAINTY_COLUMNS, collect, find_experiments, read_records, write_records
 
 
 def cell(df: pd.DataFrame, arm: str, stage: str, step: int, metric: str) -> pd.Series:
@@ -21,10 +21,10 @@ def test_one_row_per_arm_stage_step_metric(tmp_path):
     df = collect(standard_experiment(tmp_path).dir)
     assert list(df.columns) == COLUMNS
     assert not df.duplicated(["arm", "stage_id", "step", "metric"]).any()
-    # scratch: 4 evals x (fid, kid) + final loss; two_stage: 1 + 2 evals x 2 + 2 final losses
-    assert (df.arm == "scratch").sum() == 9
-    assert (df.arm == "two_stage").sum() == 8
-    assert set(df.metric) == {"fid", "kid", "loss"}
+    # scratch: 4 evals x (fid, kid, kid_std) + final loss; two_stage: 1 + 2 evals x 3 + 2 final losses
+    assert (df.arm == "scratch").sum() == 13
+    assert (df.arm == "two_stage").sum() == 11
+    assert set(df.metric) == {"fid", "kid", "kid_std", "loss"}  # the floor and intervals are columns, not metrics
     row = cell(df, "scratch", "train", 500, "fid")
     assert row.value == 60 and row.status == "done" and row["mask"] == "none" and row.seed == 0
 
@@ -105,3 +105,37 @@ def test_find_experiments_and_plan_errors(tmp_path):
         find_experiments(tmp_path / "sweep" / "a" / "scratch")
     with pytest.raises(HarnessError, match="plan.json"):
         collect(tmp_path / "sweep")
+
+
+def test_each_metric_row_carries_its_spread_interval_and_noise_floor(tmp_path):
+    df = collect(standard_experiment(tmp_path).dir)
+    fid = cell(df, "scratch", "train", 1000, "fid")
+    assert fid.value == 30 and fid.value_std == pytest.approx(0.9)
+    assert (fid.ci_low, fid.ci_high) == pytest.approx((30 - 1.96 * 0.9, 30 + 1.96 * 0.9), abs=1e-3)
+    assert fid.floor == FLOOR_FID and (fid.floor_n_a, fid.floor_n_b, fid.n_reference) == (100, 400, 400)
+    assert (fid.bootstrap_method, fid.bootstrap_resamples, fid.floor_note) == ("percentile", 200, "")
+    kid = cell(df, "scratch", "train", 1000, "kid")
+    assert kid.floor == FLOOR_KID and kid.value_std == pytest.approx(0.003)  # kid_std
+    assert (kid.ci_low, kid.ci_high) == pytest.approx((0.024, 0.036))
+    loss = cell(df, "scratch", "train", 1000, "loss")
+    assert math.isnan(loss.floor) and math.isnan(loss.value_std)
+
+
+def test_rows_without_uncertainty_keys_still_collect_with_empty_columns(tmp_path):
+    """Run folders evaluated before the bootstrap and the floor existed; a NaN floor (not computed) reads NaN."""
+    df = collect(standard_experiment(tmp_path, legacy=True).dir)
+    fid = df[df.metric == "fid"]
+    assert len(fid) == 7 and fid[["value_std", "ci_low", "ci_high", "floor"]].isna().all().all()
+    assert set(fid.floor_note) == {""} and set(fid.bootstrap_method) == {""}
+    exp = standard_experiment(tmp_path / "nan")
+    exp.evaluate(exp.arms["scratch"][0], 1000, 30.0, floor_fid=float("nan"), floor_note="reduced split")
+    row = cell(collect(exp.dir), "scratch", "train", 1000, "fid")
+    assert math.isnan(row.floor) and row.floor_note == "reduced split"
+
+
+def test_records_written_before_the_uncertainty_columns_read_back(tmp_path):
+    exp = standard_experiment(tmp_path)
+    df = write_records(exp.dir)
+    df.drop(columns=UNCERTAINTY_COLUMNS).to_parquet(exp.dir / "records.parquet", index=False)
+    old = read_records(exp.dir)
+    assert list(old.columns) == COLUMNS and old.floor.isna().all() and len(old) == len(df)
