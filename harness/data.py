@@ -48,6 +48,13 @@ class DataConfig:
     subset_seed: int = 0
     num_images: int = 4096  # embedded sources: how many images to generate
     seed: int = 0
+    # Split lists (folders only; added later, so left out of stage ids while unset). `split_file` names the images
+    # to keep: one per line, or "<image> <partition>" lines as CelebA's Eval/list_eval_partition.txt, from which
+    # `split` picks a partition ('train' = 0, 'val' = 1, 'test' = 2, or a label as written in the file). Images
+    # match by file name without extension, so '000001.jpg' in the list finds a prepared 'images/000001.png'.
+    # The subset, if any, is then drawn from the split.
+    split_file: str | None = dataclasses.field(default=None, metadata={"added_later": True})
+    split: str | None = dataclasses.field(default=None, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         from harness.config import check_field_types  # here: config imports this module to register it
@@ -63,6 +70,12 @@ class DataConfig:
             raise HarnessError(f"DataConfig.subset={self.subset} must be a positive number of images (or None)")
         if self.source != "folder" and self.num_images < 1:
             raise HarnessError(f"DataConfig.num_images={self.num_images} must be positive")
+        if self.split is not None and self.split_file is None:
+            raise HarnessError(f"DataConfig.split={self.split!r} needs DataConfig.split_file (e.g. CelebA's "
+                               "list_eval_partition.txt); or set DataConfig.split = None")
+        if self.split_file is not None and self.source != "folder":
+            raise HarnessError(f"DataConfig.split_file applies to image folders, not the embedded "
+                               f"'{self.source}' images; set DataConfig.split_file = None")
 
     # -- description ---------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -75,7 +88,9 @@ class DataConfig:
     def check(self) -> None:
         """Fail before anything trains when the data is not there (cheap: no image is decoded)."""
         if self.source == "folder":
-            _locate(self.root_path)
+            located = _locate(self.root_path)
+            if self.split_file is not None:
+                self._split_positions(located[2])
 
     def content_id(self) -> str:
         """A short stable hash of what `build()` would return, used to cache FID reference statistics."""
@@ -94,6 +109,9 @@ class DataConfig:
                 for name in names:
                     stat = (root / name).stat()
                     files.append((name, stat.st_size, stat.st_mtime_ns))
+            if self.split_file is not None:  # (only then: unsplit datasets keep their ids and cached statistics)
+                chosen = "\n".join(names[i] for i in self._split_positions(names))
+                settings["split"] = [self.split, hashlib.sha256(chosen.encode()).hexdigest()]
             payload = {**settings, "files": files}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -115,15 +133,30 @@ class DataConfig:
         else:
             all_names = (located or _locate(self.root_path))[2]
             total = len(all_names)
+        pool = list(range(total)) if self.split_file is None else self._split_positions(all_names)
         if self.subset is None:
-            keep = list(range(total))
-        elif self.subset > total:
-            raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {total} images; "
-                               f"lower the subset or add images")
+            keep = pool
+        elif self.subset > len(pool):
+            raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {len(pool)} images"
+                               f"{' in its split' if self.split_file else ''}; lower the subset or add images")
         else:
-            keep = choose_subset(total, self.subset, self.subset_seed)
+            keep = [pool[i] for i in choose_subset(len(pool), self.subset, self.subset_seed)]
         names = [f"{self.source}/{i:06d}" for i in keep] if all_names is None else [all_names[i] for i in keep]
         return keep, names
+
+    def _split_positions(self, all_names: list[str]) -> list[int]:
+        """Positions (ascending) of the folder's images that the split list keeps."""
+        wanted = read_split_list(Path(self.split_file).expanduser(), self.split)
+        by_stem: dict[str, int] = {}
+        for position, name in enumerate(all_names):
+            by_stem.setdefault(_stem(name), position)
+        missing = [name for name in wanted if name not in by_stem]
+        if missing:
+            raise HarnessError(f"{len(missing)} of the {len(wanted)} images that {self.split_file} lists"
+                               f"{f' for split {self.split!r}' if self.split is not None else ''} are not in "
+                               f"{self.root} (e.g. {', '.join(missing[:3])}); point DataConfig.root at the "
+                               "full dataset, or DataConfig.split_file at the list that belongs to it")
+        return sorted(by_stem[name] for name in wanted)
 
     def build(self) -> ImageDataset:
         import numpy as np
@@ -150,6 +183,44 @@ class DataConfig:
             # before training rather than hours into it; prepared ones were checked when they were written.
             check_headers(root, names, self.resolution, exact_size=not self.center_crop)
         return FolderImages(self, root, names)
+
+SPLIT_NAMES = {"train": "0", "val": "1", "test": "2"}  # CelebA's partition labels (list_eval_partition.txt)
+
+
+def _stem(name: str) -> str:
+    """An image's name as split lists match it: the file name without folders and extension."""
+    return Path(name).stem
+
+
+def read_split_list(path: Path, split: str | None) -> list[str]:
+    """The image stems a split list keeps, in file order (see DataConfig.split_file)."""
+    if not path.is_file():
+        raise HarnessError(f"split file {path} does not exist (cwd {Path.cwd()}); for CelebA use the release's "
+                           "Eval/list_eval_partition.txt and set DataConfig.split_file (the recipe's "
+                           "CELEBA_SPLIT_FILE macro) to it, or set DataConfig.split_file = None to use every image")
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not rows:
+        raise HarnessError(f"split file {path} lists no images; give one image per line, or '<image> <partition>'")
+    columns = {len(row) for row in rows}
+    if columns == {1}:
+        if split is not None:
+            raise HarnessError(f"split file {path} is a plain list (one image per line), so it has no partitions; "
+                               f"set DataConfig.split = None (it is {split!r})")
+        return [_stem(row[0]) for row in rows]
+    if columns != {2}:
+        raise HarnessError(f"split file {path} mixes line formats; give one image per line, or "
+                           "'<image> <partition>' on every line (as CelebA's list_eval_partition.txt)")
+    if split is None:
+        labels = sorted({row[1] for row in rows})
+        raise HarnessError(f"split file {path} has partitions {labels}; choose one with DataConfig.split "
+                           f"('train', 'val', 'test' for CelebA's 0, 1, 2, or a label as written)")
+    label = SPLIT_NAMES.get(split, split)
+    kept = [_stem(image) for image, part in rows if part == label]
+    if not kept:
+        raise HarnessError(f"split file {path} has no images in partition {label!r} (DataConfig.split = "
+                           f"{split!r}); its partitions: {sorted({row[1] for row in rows})}")
+    return kept
+
 
 def choose_subset(total: int, n: int, seed: int) -> list[int]:
     """`n` of `total` indices, reproducible in `seed`, ascending. `harness prepare --subset` makes the same pick."""

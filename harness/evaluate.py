@@ -57,8 +57,13 @@ class EvalConfig:
     seed: int = 0
     reference_images: int | None = None  # cap on the reference set (None: the whole dataset)
     feature_batch_size: int = 64
+    # the EMA model's forward while sampling: 'autocast' (the stage's precision) | 'fp32' (MaskDM's eval.py);
+    # added later, so left out of stage ids at its default (docs/fidelity.md)
+    sample_precision: str = dataclasses.field(default="autocast", metadata={"added_later": True})
 
     def __post_init__(self) -> None:
+        if self.sample_precision not in ("autocast", "fp32"):
+            raise HarnessError(f"EvalConfig.sample_precision = {self.sample_precision!r}; use 'autocast' or 'fp32'")
         if self.sampler is None:
             from harness.sampling import SamplerConfig  # imported here: a plan need not import torch samplers
 

@@ -36,6 +36,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes, or off
 # Which kernel computes attention (torch's SDPA backends); "auto" lets torch choose. On CPU: auto, flash or math.
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+EMA_WARMUP_RULES = ("ratio", "ema_pytorch")  # see Stage.ema_warmup_rule
+WEIGHT_DECAY_EXEMPT = ("vectors_and_embeddings", "none")  # see Stage.weight_decay_exempt
 
 
 @gin.configurable
@@ -57,8 +59,8 @@ class Stage:
     weight_decay: float = 0.03
     betas: tuple[float, float] = (0.99, 0.99)
     grad_clip: float = 1.0  # 0 disables clipping
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay = min(ema_decay, (1 + step) / (10 + step))
+    ema_decay: float = 0.999  # what nearly every MaskDM config uses (its LSUN church config: 0.9999)
+    ema_warmup: bool = True  # ramp the decay up to ema_decay by `ema_warmup_rule`; False: ema_decay from step 0
     mask: Any = None  # a mask spec from harness.masks; None = NoMask()
     model: Any = None  # harness.models.config.UViTConfig
     data: Any = None  # harness.data.DataConfig
@@ -79,6 +81,14 @@ class Stage:
     sample_every: int = 0  # 0: a sample grid at the end only
     num_sample_images: int = 16
     sample_steps: int = 50  # DDIM steps for the sample grids (FID uses eval's sampler)
+    # Fields added later (docs/fidelity.md): left out of stage descriptions while at their defaults, so that
+    # existing stage ids do not move; the defaults are the harness's behaviour before they existed.
+    # 'ratio': min(ema_decay, (1 + s) / (10 + s)); 'ema_pytorch': copy the weights for the first 100 steps, then
+    # min(ema_decay, 1 - (s - 99) ** (-2/3)) (MaskDM's ema-pytorch defaults; train.ema_decay_at)
+    ema_warmup_rule: str = field(default="ratio", metadata={"added_later": True})
+    # which parameters AdamW does not decay: 'vectors_and_embeddings' (biases, norms, position and class
+    # embeddings) | 'none' (every parameter decayed, as MaskDM)
+    weight_decay_exempt: str = field(default="vectors_and_embeddings", metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         # Imported when a stage is made, so that importing this module stays cheap. None of these modules imports
@@ -106,7 +116,8 @@ class Stage:
                 raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
                                    f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
         for key, allowed in (("precision", PRECISIONS), ("init_from", ("raw", "ema")), ("compile", COMPILE_MODES),
-                             ("attention", ATTENTION_BACKENDS), ("nan_policy", ("stop", "skip"))):
+                             ("attention", ATTENTION_BACKENDS), ("nan_policy", ("stop", "skip")),
+                             ("ema_warmup_rule", EMA_WARMUP_RULES), ("weight_decay_exempt", WEIGHT_DECAY_EXEMPT)):
             if getattr(self, key) not in allowed:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):

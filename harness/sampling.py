@@ -8,7 +8,12 @@ to the float rounding of the model's batched matmuls), and image i of a 10k eval
 - DDIM (Song et al. 2021): any number of steps S on the grid t_i = floor(i*T/S) - 1, i = S..1, and eta
   (eta=0 deterministic, eta=1 with the same variance as DDPM; with S = T and eta = 1 it *is* DDPM).
   MaskDM evaluates with DDIM, 250 steps, eta = 1.
-The predicted x0 is clipped to [-1, 1] (and eps recomputed from it) when `clip_x0` is set.
+The predicted x0 is clipped to [-1, 1] when `clip_x0` is set. What DDIM then uses as eps is
+`eps_from_clipped_x0`: True (the default) recomputes eps from the clipped x0, so that (x0, eps) stay consistent
+with x_t; False keeps the eps the model predicted, as MaskDM's `ddim_sample` does (gaussian_ddpm.py,
+`model_predictions`, the pred_noise branch). The two differ only where x0 was clipped, and only for eps-predicting
+models (x0 and v predictions always derive eps from the clipped x0, as MaskDM does too); DDPM's update does not
+use eps at all. See docs/fidelity.md.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ class SamplerConfig:
     steps: int = 250
     eta: float = 1.0
     clip_x0: bool = True
+    # When x0 is clipped: recompute eps from the clipped x0 (True), or keep the model's eps (False: MaskDM).
+    # (Added later: left out of stage descriptions at its default, so existing stage ids do not move.)
+    eps_from_clipped_x0: bool = dataclasses.field(default=True, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -45,6 +53,9 @@ class SamplerConfig:
         # step's variance budget and the eps coefficient would be clamped to 0 (`_step_coefficients`).
         if not 0 <= self.eta <= 1:
             raise HarnessError(f"SamplerConfig.eta must be between 0 and 1 (DDIM), got {self.eta!r}")
+        if not isinstance(self.eps_from_clipped_x0, bool):
+            raise HarnessError(f"SamplerConfig.eps_from_clipped_x0 must be True or False, got "
+                               f"{self.eps_from_clipped_x0!r}")
 
     @property
     def name(self) -> str:
@@ -122,7 +133,8 @@ def sample_batch(
             eps, x0 = diffusion.predict_eps_x0(model(x, t_batch, y=y).float(), x, t_batch)
             if sampler.clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = diffusion.eps_from_x0(x, t_batch, x0)
+                if sampler.eps_from_clipped_x0 or diffusion.cfg.prediction != "eps":
+                    eps = diffusion.eps_from_x0(x, t_batch, x0)
             c_x0, c_xt, c_eps, std = _step_coefficients(abar, t, t_prev, sampler.kind, sampler.eta)
             x = c_x0 * x0 + c_xt * x + c_eps * eps
             if std > 0:

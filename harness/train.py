@@ -93,8 +93,15 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and embeddings (vectors and the names the model lists)."""
+def _param_groups(model: nn.Module, weight_decay: float, exempt: str = "vectors_and_embeddings") -> list[dict]:
+    """AdamW's parameter groups (Stage.weight_decay_exempt).
+
+    'vectors_and_embeddings': no weight decay on biases, norms and learned embeddings (vectors and the names the
+    model lists), the usual ViT practice. 'none': one group, every parameter decayed, as MaskDM's AdamW over
+    `diffusion_model.parameters()` (main.py) does.
+    """
+    if exempt == "none":
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -102,9 +109,41 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# ema-pytorch's defaults, which MaskDM's `EMA(diffusion_model, beta=ema_decay, update_every=1)` leaves in place
+# (ema_pytorch.py 0.8.3: `EMA.__init__`, `get_current_decay`, `update`).
+EMA_PYTORCH_UPDATE_AFTER_STEP = 100
+EMA_PYTORCH_INV_GAMMA = 1.0
+EMA_PYTORCH_POWER = 2 / 3
+EMA_PYTORCH_MIN_VALUE = 0.0
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool = True, rule: str = "ratio") -> float:
+    """The EMA decay used after optimizer step `step` (0-based); 0.0 means the EMA copies the weights.
+
+    'ratio': min(decay, (1 + step) / (10 + step)). 'ema_pytorch': ema-pytorch's rule with MaskDM's settings.
+    Its counter k counts update() calls (k = step here): k = 0 initialises the EMA with a copy, k <= 100 copies
+    again, and after that, with epoch = k - 100, decay = clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value,
+    decay): 0.37 at step 101, 0.9978 at 10k, and the cap 0.999 from step 31,722 on.
+    """
+    if not warmup:
+        return decay
+    if rule == "ratio":
+        return min(decay, (1 + step) / (10 + step))
+    epoch = step - EMA_PYTORCH_UPDATE_AFTER_STEP
+    if epoch <= 0:
+        return 0.0
+    value = 1 - (1 + epoch / EMA_PYTORCH_INV_GAMMA) ** -EMA_PYTORCH_POWER
+    return min(max(value, EMA_PYTORCH_MIN_VALUE), decay)
+
+
 def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` on `device_type`; None leaves the precision as it is."""
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype as text: bfloat16 / float16, or float32 for None (no autocast)."""
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def attention_kernel(backend: str) -> contextlib.AbstractContextManager:
@@ -162,7 +201,10 @@ class InPrecision(nn.Module):
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    if decay == 0.0:  # a copy (ema-pytorch's warm-up steps), exactly
+        torch._foreach_copy_(ema_params, [p.detach() for p in model.parameters()])
+    else:
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -207,10 +249,15 @@ class Trainer:
                      spec.name, spec.compile)
             self.net = torch.compile(self.net, mode=spec.compile)
             ema_net = torch.compile(ema_net, mode=spec.compile)  # (with its attention-kernel wrapper)
-        self.sampling_net: nn.Module = InPrecision(ema_net, device.type, self.autocast_dtype)
+        # Sampling (evaluation and sample grids) in the stage's autocast, or in float32 when the stage's
+        # EvalConfig.sample_precision says so (MaskDM samples in float32).
+        eval_precision = getattr(spec.eval, "sample_precision", "autocast")
+        self.sample_dtype = None if eval_precision == "fp32" else self.autocast_dtype
+        self.sampling_net: nn.Module = InPrecision(ema_net, device.type, self.sample_dtype)
         # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
         # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay), lr=spec.lr,
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay, spec.weight_decay_exempt),
+                                           lr=spec.lr,
                                            betas=spec.betas, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.diffusion = spec.diffusion.build(device)
@@ -224,7 +271,7 @@ class Trainer:
     @property
     def precision_name(self) -> str:
         """The stage's compute dtype as text: bfloat16 / float16 (autocast), or float32."""
-        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+        return _dtype_name(self.autocast_dtype)
 
     def step_flops(self) -> int:
         """FLOPs of one step of this rank's batch (forward + backward), measured on one image of step 0's batch and
@@ -318,10 +365,7 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, spec.grad_clip, grad_norm)
         self.scaler.step(self.optimizer)  # (skips the update after an fp16 overflow)
         self.scaler.update()
-        decay = spec.ema_decay
-        if spec.ema_warmup:
-            decay = min(decay, (1 + step) / (10 + step))
-        update_ema(self.ema, self.model, decay)
+        update_ema(self.ema, self.model, ema_decay_at(step, spec.ema_decay, spec.ema_warmup, spec.ema_warmup_rule))
         return loss_value, norm_value if with_norm else float("nan")
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -431,7 +475,7 @@ class Trainer:
         if self.evaluate is None or not self.ctx.is_main:
             return
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
-        extra = {**self.cost.snapshot(), "sample_precision": self.precision_name}
+        extra = {**self.cost.snapshot(), "sample_precision": _dtype_name(self.sample_dtype)}
         with self.cost.evaluating():
             self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
 
