@@ -32,7 +32,9 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# auto: bf16 autocast on a GPU, fp32 on a CPU; auto_fp16: fp16 autocast with loss scaling on a GPU (MaskDM's
+# training), fp32 on a CPU (where fp16 autocast is slow); fp32 | bf16 | fp16 everywhere
+PRECISIONS = ("auto", "auto_fp16", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes, or off
 # Which kernel computes attention (torch's SDPA backends); "auto" lets torch choose. On CPU: auto, flash or math.
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -67,7 +69,7 @@ class Stage:
     diffusion: Any = None  # harness.diffusion.DiffusionConfig
     eval: Any = None  # harness.evaluate.EvalConfig, or None for no FID
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | auto_fp16 (fp16 on GPU) | fp32 | bf16 | fp16
     compile: str = "off"  # torch.compile mode for training and sampling: off | default | reduce-overhead (CUDA
     # graphs: for small steps such as masked ones on a GPU) | max-autotune; the first steps compile
     attention: str = "auto"  # attention kernel for training and sampling: auto (torch's choice) | flash | cudnn |

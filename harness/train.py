@@ -88,8 +88,8 @@ class BatchOrder:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("auto", "auto_fp16"):  # fp16 trains with a GradScaler (Trainer.scaler), saved in checkpoints
+        precision = ("bf16" if precision == "auto" else "fp16") if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
