@@ -137,7 +137,7 @@ def test_real_plans_carry_the_full_stage_config_without_seed_or_run_options(tiny
     load_recipe(tiny_recipe, ["Stage.compile = 'default'", "Stage.seed = 3", "finetune/Stage.ema_decay = 0.9"])
     stages = {s["name"]: s for s in plan_from_gin().to_json()["stages"].values()}
     config = stages["finetune"]["config"]
-    assert config["ema_decay"] == 0.9 and stages["pretrain"]["config"]["ema_decay"] == 0.9999
+    assert config["ema_decay"] == 0.9 and stages["pretrain"]["config"]["ema_decay"] == 0.999  # the default
     assert config["diffusion"]["schedule"] == "cosine" and config["mask"]["type"] == "NoMask"
     assert not {"seed", "compile", "attention", "name"} & set(config) and stages["finetune"]["seed"] == 3
 

@@ -198,7 +198,8 @@ def test_bad_config_raises_harness_error(overrides, words):
         ("uvit_tiny.gin", 32, 64, 4, 0.28),
         ("uvit_small_cpu.gin", 32, 128, 4, 1.5),
         ("uvit_celeba64.gin", 64, 512, 8, 44.3),  # the figure for MaskDM's CelebA-64 model
-        ("uvit_celebahq256.gin", 256, 768, 12, 104.3),  # with the reference's default 4-block ViT decoder
+        ("uvit_celebahq256.gin", 256, 768, 12, 102.4),  # MaskDM's CelebA-HQ network: a linear head
+        ("uvit_celebahq256_decoder.gin", 256, 768, 12, 104.3),  # with the first release's 4-block ViT decoder
         ("uvit_transfer256.gin", 256, 512, 8, 46.3),
     ],
 )
