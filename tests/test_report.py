@@ -9,8 +9,11 @@ import pytest
 
 from fixtures.synthetic_runs import StageSpec, SyntheticExperiment, add_partial_arm, standard_experiment
 from harness.cli import main as cli_main
-from harness.report import (budget_levels, build_report, final_table, fmt_relative, load_data, matched_table,
-                            pooled_cell, to_html, write_report)
+from harness.report import build_report, write_report
+from harness.report_data import budget_levels, load_data
+from harness.report_format import fmt_relative
+from harness.report_render import to_html
+from harness.report_tables import final_table, matched_table, pooled_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,27 +64,31 @@ def test_no_eval_within_the_budget_is_an_empty_cell(tmp_path):
     cell = pooled_cell(data, evals_of(data), "two_stage", "total_steps", 750, None)
     assert cell.n == 0 and math.isnan(cell.mean)
     table, _ = matched_table(data, "fid", "steps")
-    assert rows_at(table, "750", "two_stage")[3:] == ["—"] * 5
+    assert rows_at(table, "750", "two_stage")[3:] == ["—"] * 7
 
 
 def test_matched_table_answers_which_arm_is_lower_and_by_how_much(tmp_path):
     data = load_data([standard_experiment(tmp_path).dir])
     table, conclusions = matched_table(data, "fid", "hours")
     row = rows_at(table, "0.075 h", "two_stage")
-    assert row[3:] == ["finetune@500", "0.07 h", "20.00", "0.0200", "-50.0%"]
-    assert rows_at(table, "0.075 h", "scratch")[3:] == ["train@750", "0.075 h", "40.00", "0.0400", "—"]
-    assert rows_at(table, "0.07 h", "scratch")[3:6] == ["train@500", "0.05 h", "60.00"]
-    assert any("scratch's full budget (0.1 h): two_stage FID 20.00 vs scratch 30.00 -> -33.3% (two_stage lower)"
+    # 20 ± 0.6 against 40 ± 1.2 (bootstrap stds): -20 ± 1.96 * sqrt(0.6² + 1.2²) = -20 ± 2.63
+    assert row[3:] == ["finetune@500", "0.07 h", "20.00 ± 0.60", "0.0200", "1.7×", "-20.00 [-22.63, -17.37] (-50.0%)",
+                       "two_stage better (lower FID)"]
+    assert rows_at(table, "0.075 h", "scratch")[3:] == ["train@750", "0.075 h", "40.00 ± 1.20", "0.0400",
+                                                        "3.3×, not converged", "—", "reference"]
+    assert rows_at(table, "0.07 h", "scratch")[3:6] == ["train@500", "0.05 h", "60.00 ± 1.80"]
+    assert any("scratch's full budget (0.1 h): two_stage FID 20.00 ± 0.60 vs scratch 30.00 ± 0.90: -10.00 "
+               "[-12.12, -7.88] (-33.3%) -> two_stage better (lower FID) [scratch not yet converged (2.5× floor)]."
                in c for c in conclusions)
-    assert any("two_stage's full budget (0.07 h)" in c and "-66.7%" in c for c in conclusions)
+    assert any("two_stage's full budget (0.07 h)" in c and "(-66.7%)" in c for c in conclusions)
 
 
 def test_final_table_includes_pretraining_cost(tmp_path):
     data = load_data([standard_experiment(tmp_path).dir])
     rows = {r[0]: r for r in final_table(data, "fid").rows}
-    assert rows["two_stage"] == ["two_stage", "done", "finetune@500", "1,500", "15k", "70k", "0.07 h", "20.00",
-                                 "-33.3%"]
-    assert rows["scratch"][-2:] == ["30.00", "—"]
+    assert rows["two_stage"] == ["two_stage", "done", "finetune@500", "1,500", "15k", "70k", "0.07 h",
+                                 "20.00 ± 0.60", "1.7×", "-33.3%"]
+    assert rows["scratch"][-3:] == ["30.00 ± 0.90", "2.5×, not converged", "—"]
 
 
 def test_seeds_of_one_arm_are_pooled_with_mean_std_and_count(tmp_path):
@@ -94,7 +101,7 @@ def test_seeds_of_one_arm_are_pooled_with_mean_std_and_count(tmp_path):
     assert cell.std == pytest.approx(2.0)
     rows = {r[0]: r for r in final_table(data, "fid").rows}
     assert rows["two_stage"][7] == "22.00 ± 2.00 (n=3)"
-    assert rows["two_stage"][8] == fmt_relative(22.0, 32.0)
+    assert rows["two_stage"][9] == fmt_relative(22.0, 32.0)
 
 
 def test_same_arm_with_another_config_is_not_pooled_as_a_seed(tmp_path):
@@ -127,7 +134,7 @@ def test_arms_that_differ_only_beyond_the_plan_summary_are_not_pooled_as_seeds(t
     assert set(data.records.group) == {"two_stage [finetune.ema_decay=0.9]", "two_stage [finetune.ema_decay=0.999]"}
     rows = {r[0]: r for r in final_table(data, "fid").rows}
     assert rows["two_stage [finetune.ema_decay=0.999]"][7] == "20.50 ± 0.71 (n=2)"  # the two seeds
-    assert rows["two_stage [finetune.ema_decay=0.9]"][7] == "30.00"
+    assert rows["two_stage [finetune.ema_decay=0.9]"][7] == "30.00 ± 0.90"
 
 
 def test_real_plans_carry_the_full_stage_config_without_seed_or_run_options(tiny_recipe):
@@ -171,7 +178,7 @@ def test_an_arm_started_from_an_external_checkpoint_is_flagged(tmp_path):
     exp.evaluate(sid, 500, 15.0)
     exp.finish(sid)
     report = build_report(load_data([exp.dir]), "t")
-    flagged = [line for line in report.summary if "external checkpoint" in line]
+    flagged = [line for line in report.notes if "external checkpoint" in line]
     assert flagged == ["Arm 'maskdm' starts from an external checkpoint (ckpt/maskdm_celebahq256.pt): what training "
                        "it cost is not in its budgets, so matched-budget comparisons flatter this arm."]
 
@@ -198,8 +205,9 @@ def test_an_arm_without_evaluations_gets_dashes(tmp_path):
     data = load_data([exp.dir])
     assert data.reference == "baseline"  # no 'scratch' arm: the first arm is the reference
     report = build_report(data, "fresh")
-    assert report.tables[0].rows == [["baseline", "pending"] + ["—"] * 7]
-    assert "No 'fid' evaluations yet" in report.summary[0]
+    assert report.details[0].rows == [["baseline", "pending"] + ["—"] * 8]
+    assert report.summary.rows == [["baseline", "pending", "—", "—", "—", "—", "no evaluation yet"]]
+    assert "No 'fid' evaluations yet" in report.notes[0]
 
 
 def test_html_is_self_contained_with_its_figures(tmp_path):
@@ -207,16 +215,17 @@ def test_html_is_self_contained_with_its_figures(tmp_path):
     add_partial_arm(exp)
     [html_path] = write_report(exp.dir, show=False)
     html = html_path.read_text()
-    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
-    assert [name for name, _ in images] == ["fid_vs_hours.png", "fid_vs_flops.png", "fid_vs_images.png",
-                                            "samples.png"]
+    images = re.findall(r'<img(?: id="[^"]+")? alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
+    assert [name for name, _ in images] == ["fid_vs_cost.png", "fid_vs_flops.png", "fid_vs_images.png",
+                                            "samples.png"]  # the lead figure (device-hours) first
     for name, data in images:
         png = base64.b64decode(data)
         assert png.startswith(PNG_MAGIC)
         assert (exp.dir / "figures" / name).read_bytes() == png
     assert "<td>-33.3%</td>" in html and "mask50 (running)" in html
     markdown = (exp.dir / "report.md").read_text()
-    assert "| 0.075 h | scratch eval | two_stage | finetune@500 | 0.07 h | 20.00 | 0.0200 | -50.0% |" in markdown
+    assert ("| 0.075 h | scratch eval | two_stage | finetune@500 | 0.07 h | 20.00 ± 0.60 | 0.0200 | 1.7× | "
+            "-20.00 [-22.63, -17.37] (-50.0%) | two_stage better (lower FID) |") in markdown
     assert (exp.dir / "records.csv").is_file() and (exp.dir / "records.parquet").is_file()
 
 
@@ -274,12 +283,13 @@ def test_each_arm_is_compared_with_the_scratch_of_its_own_sweep_point(tmp_path):
     """At batch 20, two_stage FID 20 vs its own scratch's 15 is +33.3%, not -33.3% against batch 10's scratch."""
     data = load_data(batch_size_sweep(tmp_path / "sweep"))
     rows = {r[0]: r for r in final_table(data, "fid").rows}
-    assert [rows[g][8] for g in (BS10, BS20, "scratch [train.batch_size=20]")] == ["-16.7%", "+33.3%", "—"]
+    assert [rows[g][9] for g in (BS10, BS20, "scratch [train.batch_size=20]")] == ["-16.7%", "+33.3%", "—"]
     table, conclusions = matched_table(data, "fid", "steps")
-    assert rows_at(table, "1,000", BS20)[-1] == "+33.3%"
-    assert rows_at(table, "1,000", "scratch [train.batch_size=20]")[-1] == "—"
-    assert any(f"{BS20} FID 20.00 vs scratch [train.batch_size=20] 15.00 -> +33.3% "
-               "(scratch [train.batch_size=20] lower)." in c for c in conclusions)
+    assert rows_at(table, "1,000", BS20)[-2:] == ["+5.00 [+3.53, +6.47] (+33.3%)",
+                                                 "scratch [train.batch_size=20] better (lower FID)"]
+    assert rows_at(table, "1,000", "scratch [train.batch_size=20]")[-2:] == ["—", "reference"]
+    assert any(f"{BS20} FID 20.00 ± 0.60 vs scratch [train.batch_size=20] 15.00 ± 0.45: +5.00 [+3.53, +6.47] "
+               "(+33.3%) -> scratch [train.batch_size=20] better (lower FID)" in c for c in conclusions)
     assert data.reference_of(BS20) == "scratch [train.batch_size=20]"
     assert not any(f"{BS20} FID" in c and "batch_size=10]" in c.split(" vs ")[1] for c in conclusions)
 
@@ -289,13 +299,14 @@ def test_an_arm_without_a_scratch_of_its_own_is_not_compared(tmp_path):
     sweep = tmp_path / "sweep"
     data = load_data(batch_size_sweep(sweep, points=((10, 30.0, 25.0),))
                      + batch_size_sweep(sweep, points=((20, 0.0, 20.0),), arms=("two_stage",)))
-    assert {r[0]: r for r in final_table(data, "fid").rows}[BS20][8] == "no match"
+    assert {r[0]: r for r in final_table(data, "fid").rows}[BS20][9] == "no match"
     table, conclusions = matched_table(data, "fid", "steps")
-    assert rows_at(table, "1,000", BS20)[-1] == "no match"
-    assert rows_at(table, "1,000", BS10)[-1] == "-16.7%"
+    assert rows_at(table, "1,000", BS20)[-2:] == ["no match", ""]
+    assert rows_at(table, "1,000", BS10)[-2].endswith("(-16.7%)")
     assert not any(f"{BS20} FID" in c for c in conclusions)
     report = build_report(data, "t", budgets=["steps"])
-    assert f"Arm '{BS20}' is not compared: none of its sweep points has a 'scratch' arm." in report.summary
+    assert f"Arm '{BS20}' is not compared: none of its sweep points has a 'scratch' arm." in report.notes
+    assert {r[0]: r for r in report.summary.rows}[BS20][-2:] == ["no match", "not compared (see notes)"]
     assert data.reference_of(BS20) is None
 
 
@@ -313,8 +324,9 @@ def test_an_arm_pooled_over_points_with_different_scratch_runs_is_not_compared(t
         exp.finish(f)
         dirs.append(exp.dir)
     data = load_data(dirs)
-    assert {r[0]: r for r in final_table(data, "fid").rows}["two_stage"][8] == "no match"
-    assert not any("two_stage FID" in line for line in build_report(data, "t", budgets=["steps"]).summary)
+    assert {r[0]: r for r in final_table(data, "fid").rows}["two_stage"][9] == "no match"
+    report = build_report(data, "t", budgets=["steps"])
+    assert not any("two_stage FID" in line for line in report.notes + report.detail_lines)
     assert data.references["two_stage"] == ["scratch [train.lr=0.0001]", "scratch [train.lr=0.0003]"]
 
 
@@ -335,12 +347,16 @@ def test_an_unfinished_scratch_is_flagged_and_its_last_evaluation_is_not_final(t
     table, conclusions = matched_table(data, "fid", "steps")
     assert rows_at(table, "500", "scratch")[1] == "scratch eval, scratch latest"
     assert conclusions == [
-        "Equal total steps, scratch's latest evaluation (500): two_stage FID 150.00 vs scratch 60.00 -> +150.0% "
-        "(scratch lower) [scratch running].",
-        "Equal total steps, two_stage's full budget (1,500): two_stage FID 45.00 vs scratch 60.00 -> -25.0% "
-        "(two_stage lower) [scratch running]."]
+        "Equal total steps, scratch's latest evaluation (500): two_stage FID 150.00 ± 4.50 vs scratch 60.00 ± 1.80: "
+        "+90.00 [+80.50, +99.50] (+150.0%) -> scratch better (lower FID) [scratch running; two_stage not yet "
+        "converged (12× floor); scratch not yet converged (5× floor)].",
+        "Equal total steps, two_stage's full budget (1,500): two_stage FID 45.00 ± 1.35 vs scratch 60.00 ± 1.80: "
+        "-15.00 [-19.41, -10.59] (-25.0%) -> two_stage better (lower FID) [scratch running; two_stage not yet "
+        "converged (3.8× floor); scratch not yet converged (5× floor)]."]
+    report = build_report(data, "t")
     assert not any("scratch final" in line or "scratch's full budget" in line
-                   for line in build_report(data, "t").summary)
+                   for line in report.notes + report.detail_lines)
+    assert any("scratch latest FID (60.00)" in line for line in report.notes)
 
 
 def test_mask_ratios_with_the_same_actual_ratio_are_not_pooled_as_seeds(tmp_path):
@@ -373,4 +389,5 @@ def test_runs_with_the_same_seed_are_never_pooled_as_seeds(tmp_path):
     data = load_data(sorted(sweep.iterdir()))
     assert set(data.records.group) == {"scratch", "two_stage [experiment=a]", "two_stage [experiment=b]"}
     rows = {r[0]: r for r in final_table(data, "fid").rows}
-    assert [rows[f"two_stage [experiment={n}]"][7:] for n in "ab"] == [["20.00", "-33.3%"], ["40.00", "+33.3%"]]
+    assert [rows[f"two_stage [experiment={n}]"][7:] for n in "ab"] == [
+        ["20.00 ± 0.60", "1.7×", "-33.3%"], ["40.00 ± 1.20", "3.3×, not converged", "+33.3%"]]
