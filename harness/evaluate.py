@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import gin
 
 from harness.errors import HarnessError
-from harness.fileio import append_jsonl, atomic_write_text
+from harness.fileio import append_jsonl, atomic_write_bytes, atomic_write_text
 from harness.inception import cache_dir, weights_id, weights_path
 
 if TYPE_CHECKING:  # torch is imported where images are written or scored: an EvalConfig in a plan does not need it
@@ -57,6 +57,10 @@ class EvalConfig:
     seed: int = 0
     reference_images: int | None = None  # cap on the reference set (None: the whole dataset)
     feature_batch_size: int = 64
+    # bootstrap resamples of FID/KID from the evaluation's features (0: none); docs/statistics.md
+    bootstrap: int = dataclasses.field(default=200, metadata={"added_later": True})
+    # real-vs-real metrics at the evaluation's counts (floor_* keys), computed once per dataset and counts, cached
+    noise_floor: bool = dataclasses.field(default=True, metadata={"added_later": True})
     # the EMA model's forward while sampling: 'autocast' (the stage's precision) | 'fp32' (MaskDM's eval.py);
     # added later, so left out of stage ids at its default (docs/fidelity.md)
     sample_precision: str = dataclasses.field(default="autocast", metadata={"added_later": True})
@@ -73,6 +77,8 @@ class EvalConfig:
         for key in ("num_samples", "batch_size", "kid_subset_size", "feature_batch_size"):
             if int(getattr(self, key)) < 1:
                 raise HarnessError(f"EvalConfig.{key} must be at least 1, got {getattr(self, key)}")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise HarnessError(f"EvalConfig.bootstrap is a number of resamples (0 for none), got {self.bootstrap!r}")
         if any(s < 1 for s in self.steps):
             raise HarnessError(f"EvalConfig.steps must be positive training steps, got {list(self.steps)}")
         check_reference_limit(self.reference_images)
@@ -369,20 +375,81 @@ def score_against(samples: str | os.PathLike, reference: Reference, metrics=("fi
                   weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
                   device=None, verbose: bool = False) -> dict[str, float]:
     """Score the images of folder `samples` against a cached reference; torch-fidelity's metric keys."""
+    return score_features(samples, reference, metrics, weights=weights, kid_subset_size=kid_subset_size,
+                          batch_size=batch_size, device=device, verbose=verbose).scores
+
+
+@dataclasses.dataclass
+class Scored:
+    """Metrics (torch-fidelity's keys) and the Inception pool3 features [n, 2048] (float32) they came from."""
+
+    scores: dict[str, float]
+    generated: Any  # numpy float32 [n_generated, 2048]
+    reference: Any  # numpy float32 [n_reference, 2048]
+
+
+def _metrics_from_features(featuresdict_1, featuresdict_2, metrics, options: dict[str, Any], extractor,
+                           cache_name_2: str | None = None) -> dict[str, float]:
+    """torch-fidelity's own metric functions on extracted features, exactly as `calculate_metrics` calls them
+    (input1 generated, input2 reference; the reference's FID statistics cached under `cache_name_2`)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+
+    out: dict[str, float] = {}
+    if "fid" in metrics:
+        layer = resolve_feature_layer_for_metric("fid", **options)
+        stats_1 = fid_featuresdict_to_statistics_cached(featuresdict_1, None, extractor, layer, **options)
+        stats_2 = fid_featuresdict_to_statistics_cached(featuresdict_2, cache_name_2, extractor, layer, **options)
+        out.update(fid_statistics_to_metric(stats_1, stats_2, options["verbose"]))
+    if "kid" in metrics:
+        layer = resolve_feature_layer_for_metric("kid", **options)
+        out.update(kid_featuresdict_to_metric(featuresdict_1, featuresdict_2, layer, **options))
+    if "prc" in metrics:
+        layer = resolve_feature_layer_for_metric("prc", **options)
+        out.update(prc_featuresdict_to_metric(featuresdict_1, featuresdict_2, layer, **options))
+    return {key: float(value) for key, value in out.items()}
+
+
+def _features_of(featuresdict) -> Any:
+    return featuresdict[FEATURE_LAYER].detach().cpu().numpy().astype("float32", copy=False)
+
+
+def score_features(samples: str | os.PathLike, reference: Reference | str | os.PathLike, metrics=("fid",), *,
+                   weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
+                   device=None, verbose: bool = False) -> Scored:
+    """Extract folder `samples`' Inception features (never cached) and score them against `reference` (a cached
+    Reference, or a folder whose features are extracted uncached) with torch-fidelity's metric functions;
+    returns the scores and both feature matrices (for the bootstrap and eval_features/)."""
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
     metrics = check_metrics(metrics)
     weights = weights_path(weights)
-    check_reference_weights(reference, weights)
-    n = len(list_images(samples))
-    check_sample_counts(metrics, n, reference.num_images, kid_subset_size)
-    if cached_reference(reference.name) is None:
-        raise HarnessError(f"reference features {reference.name} vanished from {fidelity_cache_root()}; "
-                           "rerun to recompute them (`harness fid-stats`).")
-    flags = {m: m in metrics for m in METRICS}
-    # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
-    # input2 is never read: its features come from the cache entry checked above.
-    return _fidelity(batch_size, device, weights, verbose, input1=str(samples),
-                     input2=f"<cached {reference.name}>", input2_cache_name=reference.name,
-                     kid_subset_size=kid_subset_size, **flags)
+    if isinstance(reference, Reference):
+        check_reference_weights(reference, weights)
+        check_sample_counts(metrics, len(list_images(samples)), reference.num_images, kid_subset_size)
+        if cached_reference(reference.name) is None:
+            raise HarnessError(f"reference features {reference.name} vanished from {fidelity_cache_root()}; "
+                               "rerun to recompute them (`harness fid-stats`).")
+        # input2 is never read: its features come from the cache entry checked by the caller.
+        inputs = dict(input2=f"<cached {reference.name}>", input2_cache_name=reference.name)
+        cache_name = reference.name
+    else:
+        inputs = dict(input2=str(reference))
+        cache_name = None
+    options = _options(batch_size, device, weights, verbose, input1=str(samples), kid_subset_size=kid_subset_size,
+                       **inputs, **{m: m in metrics for m in METRICS})
+    with _fidelity_errors(), _cuda_context(device):
+        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
+        generated = extract_featuresdict_from_input_id_cached(1, extractor, **options)
+        if cache_name is None:
+            referenced = extract_featuresdict_from_input_id_cached(2, extractor, **{**options, "cache": False})
+        else:
+            referenced = extract_featuresdict_from_input_id_cached(2, extractor, **options)
+        scores = _metrics_from_features(generated, referenced, metrics, options, extractor, cache_name)
+    return Scored(scores, _features_of(generated), _features_of(referenced))
 
 
 def check_reference_weights(reference: Reference, weights: Path) -> None:
@@ -396,8 +463,11 @@ def check_reference_weights(reference: Reference, weights: Path) -> None:
 
 def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), *,
                   weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
-                  device=None, cache_reference: bool = True, verbose: bool = False) -> dict[str, float]:
-    """Score image folder `a` (generated) against folder `b` (reference); torch-fidelity's metric keys.
+                  device=None, cache_reference: bool = True, verbose: bool = False, bootstrap: int = 0,
+                  seed: int = 0) -> dict[str, Any]:
+    """Score image folder `a` (generated) against folder `b` (reference); torch-fidelity's metric keys, plus the
+    bootstrap keys (fid_boot_std, fid_ci_low/high, kid_ci_low/high, bootstrap_method/resamples) when
+    `bootstrap` > 0 resamples are asked for.
 
     With `cache_reference`, b's features are cached by its content (reused until b changes); a is never cached.
     """
@@ -406,16 +476,143 @@ def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), 
         if not list_images(folder):
             raise HarnessError(f"no images (png/jpg/jpeg) at the top level of {folder}")
     check_sample_counts(metrics, len(list_images(a)), len(list_images(b)), kid_subset_size)
+    options = dict(weights=weights, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device,
+                   verbose=verbose)
     if cache_reference:
         reference = folder_reference(b, weights, batch_size=batch_size, device=device, verbose=verbose)
-        return score_against(a, reference, metrics, weights=weights, kid_subset_size=kid_subset_size,
-                             batch_size=batch_size, device=device, verbose=verbose)
-    flags = {m: m in metrics for m in METRICS}
-    return _fidelity(batch_size, device, weights_path(weights), verbose, input1=str(a), input2=str(b),
-                     kid_subset_size=kid_subset_size, cache=False, **flags)
+        scored = score_features(a, reference, metrics, **options)
+    else:
+        scored = score_features(a, b, metrics, **options)
+    if not bootstrap:
+        return scored.scores
+    from harness.noise import bootstrap_scores
+
+    return {**scored.scores, **bootstrap_scores(scored.generated, scored.reference, scored.scores, bootstrap, seed,
+                                                device=_device(device))}
+
+
+# --------------------------------------------------------------------------------------------------- noise floor
+
+
+def load_reference_features(reference: Reference) -> Any:
+    """The cached pool3 features of a reference, numpy float32 [num_images, 2048] in image order."""
+    import torch
+
+    path = _cache_files(reference.name)[0]
+    refuse_pickled_code(path, "cached reference features")
+    return torch.load(path, map_location="cpu", weights_only=True).numpy().astype("float32", copy=False)
+
+
+def _write_dataset_range(dataset, folder: Path, start: int, stop: int, batch_size: int = 256) -> None:
+    """Images start..stop-1 of a dataset as PNGs named in order (their features come back in that order)."""
+    from PIL import Image
+
+    for first in range(start, stop, batch_size):
+        last = min(first + batch_size, stop)
+        for offset, pixels in enumerate(dataset.uint8_batch(list(range(first, last)))):
+            Image.fromarray(pixels).save(folder / f"{first - start + offset:08d}.png")
+
+
+def extra_real_features(data_cfg, dataset, start: int, count: int, weights: Path, *, batch_size: int = 64,
+                        device=None, verbose: bool = False) -> Any:
+    """Features of the dataset's images start..start+count-1 (those after the reference), cached beside the
+    reference features under a name with the same content id, resolution and weights."""
+    name = (f"data_{_safe(data_cfg.content_id())[:20]}_r{data_cfg.resolution}"
+            f"_from{start}_n{count}_w{weights_id(weights)}")
+    found = cached_reference(name)
+    if found is None:
+        with tempfile.TemporaryDirectory(prefix="maskdm-floor-") as tmp:
+            _write_dataset_range(dataset, Path(tmp), start, start + count)
+            source = json.dumps({**data_cfg.describe(), "images": [start, start + count]}, sort_keys=True,
+                                default=str)
+            found = _build_reference(Path(tmp), name, source, weights, batch_size, device, verbose)
+    return load_reference_features(found)
+
+
+def _floor_name(reference: Reference, metrics, n_generated: int, kid_subset_size: int) -> str:
+    kid = f"_k{kid_subset_size}" if "kid" in metrics else ""
+    return f"floor_{reference.name}_g{n_generated}_{'-'.join(sorted(metrics))}{kid}"
+
+
+def noise_floor(data_cfg, reference: Reference, metrics, n_generated: int, kid_subset_size: int, *,
+                weights: str | os.PathLike | None = None, batch_size: int = 64, device=None,
+                verbose: bool = False) -> dict[str, Any]:
+    """Real-vs-real metrics at an evaluation's counts: the floor_* row keys (docs/statistics.md).
+
+    Set A is the reference (the dataset's first images: the cached reference features' rows), set B the next
+    `n_generated` images, in the generated role (torch-fidelity's input1). A dataset too small for both gets
+    the split `harness.noise.floor_split` chooses, and floor_note says so. The result is cached by the
+    reference (dataset content, resolution, count, weights), the sample count, the metrics and KID's subset
+    size; Inception runs only for the images after the reference, once (cached like a reference).
+    """
+    from harness.noise import floor_split
+
+    metrics = check_metrics(metrics)
+    weights = weights_path(weights)
+    check_reference_weights(reference, weights)
+    path = fidelity_cache_root() / f"{_floor_name(reference, metrics, n_generated, kid_subset_size)}.json"
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text())["row"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # recomputed below
+    import numpy as np
+    import torch
+    from torch_fidelity.utils import create_feature_extractor
+
+    data_cfg.check()
+    dataset = data_cfg.build()
+    n_ref = reference.num_images
+    minimum = PRC_NEIGHBORHOOD + 1 if "prc" in metrics else 2
+    try:
+        set_a, set_b, note = floor_split(len(dataset), n_ref, n_generated, minimum=minimum)
+    except ValueError as err:  # not worth losing an evaluation over: the row says why there is no floor
+        return {"floor_n_a": 0, "floor_n_b": 0, "floor_note": f"no noise floor: {err}"}
+    pool = load_reference_features(reference)[:n_ref]
+    if set_b.stop > n_ref:
+        extra = extra_real_features(data_cfg, dataset, n_ref, set_b.stop - n_ref, weights, batch_size=batch_size,
+                                    device=device, verbose=verbose)
+        pool = np.concatenate([pool, extra])
+    subset = min(kid_subset_size, len(set_a), len(set_b))
+    if "kid" in metrics and subset < kid_subset_size:
+        note = (note + "; " if note else "") + f"floor KID with subsets of {subset} images (not {kid_subset_size})"
+    options = _options(batch_size, device, weights, verbose, kid_subset_size=subset,
+                       **{m: m in metrics for m in METRICS})
+    with _fidelity_errors(), _cuda_context(device):
+        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        scores = _metrics_from_features({FEATURE_LAYER: torch.from_numpy(pool[set_b.start:set_b.stop])},
+                                        {FEATURE_LAYER: torch.from_numpy(pool[set_a.start:set_a.stop])},
+                                        metrics, options, extractor)
+    row: dict[str, Any] = {}
+    for key, name in (("frechet_inception_distance", "floor_fid"), ("kernel_inception_distance_mean", "floor_kid"),
+                      ("precision", "floor_precision"), ("recall", "floor_recall")):
+        if key in scores:
+            row[name] = scores[key]
+    row.update(floor_n_a=len(set_a), floor_n_b=len(set_b), floor_note=note)
+    record = {"row": row, "set_a": [set_a.start, set_a.stop], "set_b": [set_b.start, set_b.stop],
+              "reference": reference.name, "created": time.time()}
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- stage evaluation
+
+
+def features_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where an evaluation's generated-sample features go: <stage_dir>/eval_features/step_XXXXXXX.npy."""
+    return Path(run_dir) / "eval_features" / f"step_{int(step):07d}.npy"
+
+
+def write_features(path: Path, features) -> None:
+    """float32 [n, 2048] as .npy, atomically (a crash leaves the old file or none)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(features, dtype=np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
+
 
 
 @contextlib.contextmanager
@@ -474,9 +671,18 @@ def evaluate_stage(model, diffusion, data_cfg, eval_cfg: EvalConfig, step: int, 
         _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, folder)
         sample_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        scores = score_against(folder, reference, eval_cfg.metrics, weights=weights,
-                               kid_subset_size=eval_cfg.kid_subset_size, **common)
-        score_seconds = time.perf_counter() - start
+        scored = score_features(folder, reference, eval_cfg.metrics, weights=weights,
+                                kid_subset_size=eval_cfg.kid_subset_size, **common)
+        scores = scored.scores
+        # Statistics from the features just computed: no second Inception pass over the samples.
+        from harness.noise import bootstrap_scores
+
+        spread = bootstrap_scores(scored.generated, scored.reference, scores, eval_cfg.bootstrap, eval_cfg.seed,
+                                  device=_device(device))
+        floor = (noise_floor(data_cfg, reference, eval_cfg.metrics, eval_cfg.num_samples,
+                             eval_cfg.kid_subset_size, weights=weights, **common) if eval_cfg.noise_floor else {})
+        write_features(features_path(run_dir, step), scored.generated)
+        score_seconds = time.perf_counter() - start  # scoring, bootstrap and (the first time) the floor
 
     row: dict[str, Any] = {
         "step": int(step),
@@ -489,6 +695,8 @@ def evaluate_stage(model, diffusion, data_cfg, eval_cfg: EvalConfig, step: int, 
         "sample_seconds": sample_seconds,
         "score_seconds": score_seconds,
         **{key: float(value) for key, value in scores.items()},
+        **spread,
+        **floor,
     }
     row.update(extra or {})
     append_jsonl(run_dir / EVAL_FILE, row)

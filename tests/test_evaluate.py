@@ -225,7 +225,7 @@ def test_a_scoring_failure_after_sampling_leaves_no_row_and_no_samples(tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("inception ran out of memory")
 
-    monkeypatch.setattr(ev, "score_against", broken)
+    monkeypatch.setattr(ev, "score_features", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         ev.evaluate_stage(model, diffusion, data, _eval_cfg(keep_samples=True), 2, run_dir, "cpu", extra={})
     assert not (run_dir / "eval.jsonl").exists()
@@ -321,16 +321,18 @@ def test_torch_fidelity_runs_with_the_requested_cuda_device_current(tmp_path, mo
             current.pop()
 
     def fake(step):
-        return lambda *args, **kwargs: seen.append((step, list(current))) or {}
+        features = {"2048": torch.rand(3, 2048, generator=torch.Generator().manual_seed(0))}
+        return lambda *args, **kwargs: seen.append((step, list(current))) or features
 
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake("metrics"))
     monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", fake("extractor"))
     monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id_cached", fake("features"))
     ref = _write(tmp_path / "ref", _smooth_images(3, seed=11))
-    ev.score_folders(ref, ref, device="cuda:1", cache_reference=False)
+    scores = ev.score_folders(ref, ref, device="cuda:1", cache_reference=False)
+    assert abs(scores["frechet_inception_distance"]) < 1e-2  # the fake features of both inputs are equal
     ev.folder_reference(ref, device="cuda:1")
-    assert seen == [("metrics", [1]), ("extractor", [1]), ("features", [1])]
+    # scoring: the extractor, the samples' and the reference's features; then the reference is cached
+    assert seen == [("extractor", [1]), ("features", [1]), ("features", [1]), ("extractor", [1]), ("features", [1])]
     assert current == []
 
 
