@@ -89,9 +89,16 @@ def reach_rows(data: Data, metric: str, budgets: list[str]) -> list[ReachRow]:
     evals = evals_of(data, metric)
     lower = metric in LOWER_IS_BETTER
     groups = list(dict.fromkeys(evals.group))
+    cache: dict[tuple[str, str], pd.DataFrame] = {}
+
+    def points_of(group: str, column: str) -> pd.DataFrame:
+        if (group, column) not in cache:
+            cache[(group, column)] = pooled_points(evals[evals.group == group], column)
+        return cache[(group, column)]
+
     out: list[ReachRow] = []
     for ref in data.reference_groups():
-        ref_points = pooled_points(evals[evals.group == ref], "total_steps")
+        ref_points = points_of(ref, "total_steps")
         if ref_points.empty:
             continue
         compared = [ref] + [g for g in groups if g != ref and data.reference_of(g) == ref]
@@ -103,18 +110,19 @@ def reach_rows(data: Data, metric: str, budgets: list[str]) -> list[ReachRow]:
             for group in compared:
                 row = ReachRow(group, ref, float(point.y), label, k == last)
                 for budget in budgets:
-                    row.costs[budget], row.ratios[budget] = _reach(evals, group, ref, point, BUDGETS[budget][0],
-                                                                   lower)
+                    row.costs[budget], row.ratios[budget] = _reach(evals, points_of, group, ref, point,
+                                                                   BUDGETS[budget][0], lower)
                 out.append(row)
     return out
 
 
-def _reach(evals: pd.DataFrame, group: str, ref: str, point: pd.Series, column: str,
+def _reach(evals: pd.DataFrame, points_of, group: str, ref: str, point: pd.Series, column: str,
            lower: bool) -> tuple[Reach, Ratio]:
     target = float(point.y)
-    curve = _curve(pooled_points(evals[evals.group == group], column))
+    group_points = points_of(group, column)
+    curve = _curve(group_points)
     reach = first_reach(curve, target, lower)
-    ref_points = pooled_points(evals[evals.group == ref], column)
+    ref_points = points_of(ref, column)
     ref_cost = first_reach(_curve(ref_points), target, lower).cost
     if group == ref:
         return reach, Ratio(1.0)
@@ -130,7 +138,6 @@ def _reach(evals: pd.DataFrame, group: str, ref: str, point: pd.Series, column: 
         return reach, ratio_from_pairs(ratios, method=f"paired over {len(shared)} shared seeds")
     target_row = ref_points[(ref_points.stage_index == point.stage_index) & (ref_points.step == point.step)]
     target_std = float(target_row["se"].iloc[0]) if len(target_row) else math.nan
-    group_points = pooled_points(evals[evals.group == group], column)
     counts = [int(n) for n in group_points.n] + [int(point.n)]
     several = [n for n in counts if n > 1]
     z = t_value(min(several) - 1) if several else z_value()
