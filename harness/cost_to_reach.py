@@ -38,8 +38,8 @@ class Curve:
     def of(cls, costs: Sequence[float], values: Sequence[float], stds: Sequence[float] | None = None) -> "Curve":
         """Sorted by cost; points without a positive cost or a value are left out (they cannot be placed)."""
         stds = list(stds) if stds is not None else [math.nan] * len(costs)
-        points = sorted((float(c), float(v), float(s)) for c, v, s in zip(costs, values, stds)
-                        if _finite(c) and c > 0 and _finite(v))
+        points = sorted((c, v, s) for c, v, s in zip(map(_float, costs), map(_float, values), map(_float, stds))
+                        if math.isfinite(c) and c > 0 and math.isfinite(v))
         return cls(tuple(p[0] for p in points), tuple(p[1] for p in points), tuple(p[2] for p in points))
 
     def shifted(self, offsets: Sequence[float]) -> "Curve":
@@ -54,6 +54,14 @@ class Reach:
     @property
     def reached(self) -> bool:
         return not math.isnan(self.cost)
+
+
+def _float(x: object) -> float:
+    """A plain float of any number (numpy and pandas scalars too); NaN for what is not one (None, pd.NA)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _finite(x: object) -> bool:
