@@ -77,10 +77,25 @@ def _floor_lines(data: Data, metric: str) -> list[str]:
         floors = sorted(set(rows.floor.round(6)))
         value = fmt_value(floors[0]) if len(floors) == 1 else f"{fmt_value(floors[0])}-{fmt_value(floors[-1])}"
         lines.append(f"Noise floor: {m} {value} between {sizes}{counts}" + (f"; {note}" if note else "") + ".")
-    if evals.floor.isna().any():
-        lines.append(f"{int(evals.floor.isna().sum())} of {len(evals)} evaluations have no noise floor (evaluated "
-                     "before the harness computed one, or not computed): those arms are not marked converged or not.")
+    missing = evals[evals.floor.isna()]
+    if len(missing):
+        reasons = "; ".join(dict.fromkeys(n for n in missing.floor_note.dropna() if n)) or (
+            "evaluated before the harness computed one, or not asked for")
+        lines.append(f"{len(missing)} of {len(evals)} evaluations have no noise floor ({reasons}): those arms are "
+                     "not marked converged or not.")
     return lines
+
+
+def _bootstrap_line(data: Data, metric: str) -> list[str]:
+    """The footer's account of the evaluations' own bootstrap, as they recorded it."""
+    evals = evals_of(data, metric)
+    used = sorted({(str(m), int(r)) for m, r in zip(evals.bootstrap_method, evals.bootstrap_resamples)
+                   if isinstance(m, str) and m and m != "none" and not pd.isna(r) and r > 0})
+    if not used:
+        return []
+    kinds = ", ".join(f"{method} with {resamples} resamples" for method, resamples in used)
+    return [f"Bootstrap of the evaluations (harness.noise, docs/statistics.md): {kinds}, over the generated and "
+            "reference features from the evaluation's own Inception pass."]
 
 
 def _spread_lines(data: Data, metric: str) -> list[str]:
@@ -145,7 +160,7 @@ def build_report(data: Data, title: str, metric: str = "fid", budgets: list[str]
                f"{data.reference}'s final {metric.upper()}.")
     sections = [reach_table(data, metric, budgets, reach)] if reach else []
     return Report(title, summary_table(data, metric, lead, reach), notes, sections, details, detail_lines, figures,
-                  list(FOOTER), caption)
+                  list(FOOTER) + _bootstrap_line(data, metric), caption)
 
 
 def write_report(results_dir: str | Path, metric: str = "fid", budgets: list[str] | None = None,

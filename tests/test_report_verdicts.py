@@ -147,6 +147,10 @@ def test_a_reduced_or_missing_floor_is_labelled(tmp_path):
     none = build_report(load_data([final_pair(tmp_path, "nofloor", 30.0, 20.0, floor_fid=math.nan).dir]), "t")
     assert summary_rows(none)["scratch"][3] == "—"
     assert any("have no noise floor" in line for line in none.notes)
+    why = "no noise floor: the dataset holds 40 images, fewer than two sets of 25"
+    failed = final_pair(tmp_path, "nosplit", 30.0, 20.0, floor_fid=math.nan, floor_n_a=0, floor_n_b=0, floor_note=why)
+    assert f"5 of 5 evaluations have no noise floor ({why}): those arms are not marked converged or not." in \
+        build_report(load_data([failed.dir]), "t").notes
 
 
 # ---------------------------------------------------------------------------------------------------- cost to reach
@@ -214,3 +218,4 @@ def test_markdown_leads_with_the_figure_and_summary_and_folds_the_details(tmp_pa
     assert order == sorted(order)
     footer = md[md.index("**Statistics.**"):]
     assert "scipy.stats.ttest_rel" in footer and "quadrature" in footer and f"{FLOOR_FACTOR:g}x" in footer
+    assert "percentile-shifted with 200 resamples" in footer  # as the evaluations recorded it

@@ -113,7 +113,7 @@ def test_each_metric_row_carries_its_spread_interval_and_noise_floor(tmp_path):
     assert fid.value == 30 and fid.value_std == pytest.approx(0.9)
     assert (fid.ci_low, fid.ci_high) == pytest.approx((30 - 1.96 * 0.9, 30 + 1.96 * 0.9), abs=1e-3)
     assert fid.floor == FLOOR_FID and (fid.floor_n_a, fid.floor_n_b, fid.n_reference) == (100, 400, 400)
-    assert (fid.bootstrap_method, fid.bootstrap_resamples, fid.floor_note) == ("percentile", 200, "")
+    assert (fid.bootstrap_method, fid.bootstrap_resamples, fid.floor_note) == ("percentile-shifted", 200, "")
     kid = cell(df, "scratch", "train", 1000, "kid")
     assert kid.floor == FLOOR_KID and kid.value_std == pytest.approx(0.003)  # kid_std
     assert (kid.ci_low, kid.ci_high) == pytest.approx((0.024, 0.036))
