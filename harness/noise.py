@@ -145,7 +145,7 @@ class _Statistic:
         ig = np.broadcast_to(ig, (batch, ig.shape[-1]))
         ir = np.broadcast_to(ir, (batch, ir.shape[-1]))
         self.calls += batch
-        out = np.full((2, batch), np.nan)
+        out = np.zeros((2, batch))  # a metric not asked for stays 0 (a NaN row would make scipy warn)
         if self.want_fid:
             for b in range(batch):
                 tg = torch.as_tensor(np.ascontiguousarray(ig[b]), device=self.gen.device)

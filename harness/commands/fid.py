@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="Inception batch size (default 64)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write B's cached features")
+    parser.add_argument("--bootstrap", type=int, default=200, metavar="B",
+                        help="bootstrap resamples for FID/KID 95%% intervals, from the features already computed "
+                             "(0: none; default 200; docs/statistics.md)")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default 0)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,10 +31,22 @@ def main(args: argparse.Namespace) -> int:
 
     scores = score_folders(args.a, args.b, args.metrics, weights=args.weights,
                            kid_subset_size=args.kid_subset_size, batch_size=args.batch_size, device=args.device,
-                           cache_reference=not args.no_cache, verbose=not args.json)
+                           cache_reference=not args.no_cache, verbose=not args.json, bootstrap=args.bootstrap,
+                           seed=args.seed)
     if args.json:
         print(json.dumps(scores, sort_keys=True))
-    else:
-        for key, value in scores.items():
-            print(f"{key}: {value:.6g}")
+        return 0
+    intervals = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid"}
+    for key, value in scores.items():
+        if not key.startswith(("fid_", "kid_", "bootstrap_")):  # those go on their metric's line
+            prefix = intervals.get(key)
+            extra = ""
+            if prefix and f"{prefix}_ci_low" in scores:
+                extra = f"  (95% interval {scores[f'{prefix}_ci_low']:.6g} .. {scores[f'{prefix}_ci_high']:.6g}"
+                if prefix == "fid":
+                    extra += f", bootstrap std {scores['fid_boot_std']:.3g}"
+                extra += ")"
+            print(f"{key}: {value:.6g}{extra}")
+    if scores.get("bootstrap_resamples"):
+        print(f"bootstrap: {scores['bootstrap_resamples']} resamples of both sets, {scores['bootstrap_method']}")
     return 0
