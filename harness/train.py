@@ -257,8 +257,7 @@ class Trainer:
         # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
         # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay, spec.weight_decay_exempt),
-                                           lr=spec.lr,
-                                           betas=spec.betas, fused=True)
+                                           lr=spec.lr, betas=spec.betas, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.diffusion = spec.diffusion.build(device)
         self.dataset = spec.data.build()

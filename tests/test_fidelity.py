@@ -260,6 +260,16 @@ def test_auto_fp16_is_float32_on_a_cpu(tmp_path):
     assert trainer.precision_name == "float32" and not trainer.scaler.is_enabled()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (not yet run on a GPU)")
+def test_auto_fp16_is_fp16_with_a_grad_scaler_on_a_gpu(tmp_path):
+    spec = Stage(name="s", steps=3, batch_size=4, model=UViTConfig(**TINY), precision="auto_fp16",
+                 data=DataConfig(source="shapes", num_images=16), num_sample_images=0)
+    trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cuda")))
+    assert trainer.precision_name == "float16" and trainer.scaler.is_enabled()
+    losses = [trainer.train_step(step)[0] for step in range(3)]
+    assert all(math.isfinite(loss) for loss in losses) and trainer.scaler.get_scale() > 0
+
+
 # ---------------------------------------------------------------------------------------------- split lists
 @pytest.fixture
 def celeba_like(tmp_path: Path) -> tuple[Path, Path]:
