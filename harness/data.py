@@ -48,7 +48,8 @@ class DataConfig:
     subset_seed: int = 0
     num_images: int = 4096  # embedded sources: how many images to generate
     seed: int = 0
-    # Split lists (folders only; added later, so left out of stage ids while unset). `split_file` names the images
+    # Split lists (folders only: ignored by the embedded sources, as `root` is, so that a recipe's unscoped
+    # binding does not stop a fallback to them; added later, so left out of stage ids while unset). `split_file` names the images
     # to keep: one per line, or "<image> <partition>" lines as CelebA's Eval/list_eval_partition.txt, from which
     # `split` picks a partition ('train' = 0, 'val' = 1, 'test' = 2, or a label as written in the file). Images
     # match by file name without extension, so '000001.jpg' in the list finds a prepared 'images/000001.png'.
@@ -73,9 +74,6 @@ class DataConfig:
         if self.split is not None and self.split_file is None:
             raise HarnessError(f"DataConfig.split={self.split!r} needs DataConfig.split_file (e.g. CelebA's "
                                "list_eval_partition.txt); or set DataConfig.split = None")
-        if self.split_file is not None and self.source != "folder":
-            raise HarnessError(f"DataConfig.split_file applies to image folders, not the embedded "
-                               f"'{self.source}' images; set DataConfig.split_file = None")
 
     # -- description ---------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -133,12 +131,13 @@ class DataConfig:
         else:
             all_names = (located or _locate(self.root_path))[2]
             total = len(all_names)
-        pool = list(range(total)) if self.split_file is None else self._split_positions(all_names)
+        split = self.split_file is not None and all_names is not None
+        pool = self._split_positions(all_names) if split else list(range(total))
         if self.subset is None:
             keep = pool
         elif self.subset > len(pool):
             raise HarnessError(f"DataConfig.subset={self.subset} but the dataset has only {len(pool)} images"
-                               f"{' in its split' if self.split_file else ''}; lower the subset or add images")
+                               f"{' in its split' if split else ''}; lower the subset or add images")
         else:
             keep = [pool[i] for i in choose_subset(len(pool), self.subset, self.subset_seed)]
         names = [f"{self.source}/{i:06d}" for i in keep] if all_names is None else [all_names[i] for i in keep]
