@@ -20,6 +20,7 @@ import torch_fidelity.utils
 from PIL import Image
 
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from harness import evaluate as ev
 from harness import inception
@@ -113,6 +114,20 @@ def test_scores_equal_torch_fidelitys_own_call(folders):
                                                                   rel=1e-6)
 
 
+def test_harness_fid_prints_the_bootstrap_interval(folders, capsys):
+    from harness.cli import main
+
+    assert main(["fid", str(folders["gen"]), str(folders["ref"]), "--metrics", "fid,kid", "--kid-subset-size", "4",
+                 "--bootstrap", "30", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["fid_ci_low"] <= scores["frechet_inception_distance"] <= scores["fid_ci_high"]
+    assert scores["kid_ci_low"] <= scores["kernel_inception_distance_mean"] <= scores["kid_ci_high"]
+    assert scores["bootstrap_resamples"] == 30 and scores["fid_boot_std"] > 0
+    assert main(["fid", str(folders["gen"]), str(folders["ref"]), "--bootstrap", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "frechet_inception_distance: " in out and "95% interval" in out and "30 resamples" in out
+
+
 def test_a_set_against_itself_scores_perfectly(folders):
     scores = ev.score_folders(folders["ref"], folders["ref"], "fid,prc")
     assert abs(scores["frechet_inception_distance"]) < 1e-2
@@ -201,6 +216,24 @@ def test_evaluate_stage_at_two_steps_writes_two_rows(tmp_path, extractions):
     kept = sorted((run_dir / "eval_samples" / "step_0000004").glob("*.png"))
     assert len(kept) == 5 and not (run_dir / "eval_samples" / "step_0000002").exists()
     assert Image.open(kept[0]).size == (16, 16)
+
+    # the samples' features are kept, and the row's FID is redone from them and the cached reference's
+    for row in written:
+        features = np.load(run_dir / "eval_features" / f"step_{row['step']:07d}.npy")
+        assert features.shape == (5, 2048) and features.dtype == np.float32
+        reference = ev.cached_reference(row["reference"])
+        stats = [fid_features_to_statistics(torch.from_numpy(f))
+                 for f in (features, ev.load_reference_features(reference))]
+        assert fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"] == pytest.approx(
+            row["frechet_inception_distance"], rel=1e-6)
+        # spread and floor (the 6-image dataset is all reference: the floor splits it 3 + 3, and says so)
+        assert row["fid_ci_low"] <= row["frechet_inception_distance"] <= row["fid_ci_high"]
+        assert row["kid_ci_low"] <= row["kernel_inception_distance_mean"] <= row["kid_ci_high"]
+        assert row["fid_boot_std"] > 0 and (row["bootstrap_method"], row["bootstrap_resamples"]) == (
+            "percentile-shifted", 200)
+        assert (row["floor_n_a"], row["floor_n_b"]) == (3, 3) and "too small" in row["floor_note"]
+        assert row["floor_fid"] > 0 and "floor_kid" in row and "floor_precision" not in row
+    assert written[0]["fid_ci_low"] == written[1]["fid_ci_low"]  # same features, same seed: same resamples
 
 
 def test_evaluate_stage_writes_no_row_when_it_fails(tmp_path, extractions):
