@@ -127,13 +127,13 @@ def _reach(evals: pd.DataFrame, points_of, group: str, ref: str, point: pd.Serie
     if group == ref:
         return reach, Ratio(1.0)
     arms, refs = _members(evals, group), _members(evals, ref)
-    shared = [s for s in arms if s in refs]
+    targets = {s: _value_at(refs[s], int(point.stage_index), int(point.step)) for s in arms if s in refs}
+    shared = [s for s, value in targets.items() if not math.isnan(value)]  # seeds whose scratch has this point
     if len(arms) > 1 and len(refs) > 1 and len(shared) >= 2:
         ratios = []
         for seed in shared:
-            target_s = _value_at(refs[seed], int(point.stage_index), int(point.step))
-            ref_s = first_reach(_member_curve(refs[seed], column), target_s, lower).cost
-            arm_s = first_reach(_member_curve(arms[seed], column), target_s, lower).cost
+            ref_s = first_reach(_member_curve(refs[seed], column), targets[seed], lower).cost
+            arm_s = first_reach(_member_curve(arms[seed], column), targets[seed], lower).cost
             ratios.append(arm_s / ref_s if ref_s > 0 else math.nan)
         return reach, ratio_from_pairs(ratios, method=f"paired over {len(shared)} shared seeds")
     target_row = ref_points[(ref_points.stage_index == point.stage_index) & (ref_points.step == point.step)]
@@ -146,10 +146,12 @@ def _reach(evals: pd.DataFrame, points_of, group: str, ref: str, point: pd.Serie
 
 
 def fmt_ratio(ratio: Ratio) -> str:
-    """'56% [50%, 63%]', '≤20%', 'not reached (by 1 of 3 seeds)'."""
+    """'56% [50%, 63%]', '≤20%', 'not reached (by 1 of 3 seeds)', 'not reached (within noise it could at ≥80%)'."""
     if math.isnan(ratio.ratio):
-        return "not reached" + (f" ({ratio.note})" if ratio.note and "not reached" not in ratio.note else
-                                (f" ({ratio.note.replace('not reached ', '')})" if ratio.note else ""))
+        note = ratio.note.removeprefix("not reached").strip(" ,")
+        if not math.isnan(ratio.low):  # the point curve does not get there, the optimistic one does
+            note = f"within noise it could at ≥{fmt_percent(ratio.low)}"
+        return "not reached" + (f" ({note})" if note else "")
     text = ("≤" if ratio.at_or_before else "") + fmt_percent(ratio.ratio)
     if ratio.has_interval:
         return f"{text} [{fmt_percent(ratio.low)}, {fmt_percent(ratio.high)}]"

@@ -182,7 +182,7 @@ def compare(arm: Sample, reference: Sample) -> Difference:
     relative = estimate / reference.mean if reference.mean else math.nan
     if not (_finite(low) and _finite(high)):
         return Difference(estimate, math.nan, math.nan, relative, method, "untested",
-                          "no interval: no spread recorded for these evaluations")
+                          "no spread recorded for these evaluations")
     if low <= 0 <= high:
         return Difference(estimate, low, high, relative, method, "within noise")
     if single and _finite(relative) and abs(relative) < MIN_SINGLE_RUN_EFFECT:

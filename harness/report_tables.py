@@ -94,12 +94,12 @@ def difference_text(diff: Difference, scale: float) -> str:
 
 
 def verdict_text(diff: Difference, group: str, reference: str, metric: str) -> str:
-    """'two_stage lower', 'within noise', 'untested: no interval ...'."""
+    """'two_stage better (lower FID)', 'within noise', 'untested (no spread recorded ...)'."""
     winner = diff.winner(group, reference, metric)
     if winner is not None:
         return f"{winner} better ({'lower' if metric in LOWER_IS_BETTER else 'higher'} {metric.upper()})"
     if diff.verdict == "untested":
-        return "untested: " + (diff.note or "no interval")
+        return f"untested ({diff.note or 'no interval'})"
     return diff.verdict + (f" ({diff.note})" if diff.note else "")
 
 

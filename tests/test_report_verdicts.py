@@ -202,8 +202,7 @@ def test_run_folders_without_the_new_keys_still_report_and_say_there_is_no_inter
     exp = standard_experiment(tmp_path, legacy=True)
     [html] = write_report(exp.dir, show=False)
     report = build_report(load_data([exp.dir]), "t")
-    assert verdict(report) == "untested: no interval: no spread recorded for these evaluations: -10.00 " \
-                              "[no interval] (-33.3%)"
+    assert verdict(report) == "untested (no spread recorded for these evaluations): -10.00 [no interval] (-33.3%)"
     assert summary_rows(report)["scratch"][3] == "—"
     assert summary_rows(report)["two_stage"][5] == "0.0561 h = 56.1% (no interval)"
     assert any(line.startswith("No uncertainty recorded for 7 of 7 FID evaluations") for line in report.notes)
