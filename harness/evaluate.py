@@ -8,6 +8,12 @@ Reference features are cached by torch-fidelity itself (`input2_cache_name`) und
 `<harness cache>/fidelity/`, named after what determines them: the dataset's content id (file list, sizes and
 mtimes, or the generator's parameters), the resolution, the image count and the weights file's hash. A JSON
 manifest beside them, written last, marks an entry complete. A changed folder gets a new name: a new entry.
+
+Scoring extracts the features with torch-fidelity's own helpers and computes the metrics with its own metric
+functions (the numbers equal `calculate_metrics`), so the features stay available: the generated ones are
+kept as <stage>/eval_features/step_XXXXXXX.npy, and `harness.noise` bootstraps FID/KID from them. Each
+evaluation also carries the noise floor (`noise_floor`: real vs real at its counts, cached beside the
+reference features). docs/statistics.md.
 """
 from __future__ import annotations
 
@@ -296,14 +302,6 @@ def _fidelity_errors() -> Iterator[None]:
             yield
     except ValueError as err:  # torch-fidelity reports bad inputs as ValueError
         raise HarnessError(f"torch-fidelity refused the inputs: {err}") from err
-
-
-def _fidelity(batch_size: int, device, weights: Path, verbose: bool, **kwargs) -> dict[str, float]:
-    """torch-fidelity's calculate_metrics with the harness's options."""
-    import torch_fidelity
-
-    with _fidelity_errors(), _cuda_context(device):
-        return dict(torch_fidelity.calculate_metrics(**_options(batch_size, device, weights, verbose, **kwargs)))
 
 
 def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_size: int, device,
