@@ -95,6 +95,7 @@ class Ratio:
     low: float = math.nan
     high: float = math.nan
     at_or_before: bool = False  # the point estimate is an upper bound (reached at the first evaluation)
+    low_at_or_before: bool = False  # so is the low end: the optimistic curve is there at its first evaluation
     method: str = ""
     note: str = ""
 
@@ -122,7 +123,7 @@ def ratio_from_intervals(curve: Curve, ref_cost: float, target: float, target_st
     high = late.cost / ref_cost if late.reached else math.inf
     if math.isnan(low):  # not reached even by the optimistic curve: nothing to bound
         return Ratio(math.nan, method=method, note="not reached, even within the evaluations' noise")
-    return Ratio(ratio, low, high, at_or_before=point.first, method=method)
+    return Ratio(ratio, low, high, at_or_before=point.first, low_at_or_before=soon.first, method=method)
 
 
 def ratio_from_pairs(ratios: Sequence[float], confidence: float = 0.95, method: str = "") -> Ratio:

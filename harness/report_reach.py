@@ -146,15 +146,16 @@ def _reach(evals: pd.DataFrame, points_of, group: str, ref: str, point: pd.Serie
 
 
 def fmt_ratio(ratio: Ratio) -> str:
-    """'56% [50%, 63%]', '≤20%', 'not reached (by 1 of 3 seeds)', 'not reached (within noise it could at ≥80%)'."""
+    """'56% [50%, 63%]', '≤20%', 'not reached (by 1 of 3 seeds)', 'not reached (but within noise of reaching it)'."""
     if math.isnan(ratio.ratio):
         note = ratio.note.removeprefix("not reached").strip(" ,")
         if not math.isnan(ratio.low):  # the point curve does not get there, the optimistic one does
-            note = f"within noise it could at ≥{fmt_percent(ratio.low)}"
+            note = "but within noise of reaching it"
         return "not reached" + (f" ({note})" if note else "")
     text = ("≤" if ratio.at_or_before else "") + fmt_percent(ratio.ratio)
     if ratio.has_interval:
-        return f"{text} [{fmt_percent(ratio.low)}, {fmt_percent(ratio.high)}]"
+        low = ("≤" if ratio.low_at_or_before else "") + fmt_percent(ratio.low)
+        return f"{text} [{low}, {fmt_percent(ratio.high)}]"
     return text + (" (no interval)" if "no interval" in ratio.note else "")
 
 

@@ -63,6 +63,14 @@ def test_ratio_upper_end_not_reached_is_open():
     assert r.high == math.inf and r.low == pytest.approx(10 ** (1 + 8 / 11) / 100)
 
 
+def test_an_optimistic_end_at_the_first_evaluation_is_an_upper_bound():
+    # down-shifted by 2: (33, 18) reaches 35 at the first evaluation already; up-shifted (37, 22): 2/15 of the way
+    r = ratio_from_intervals(curve([10, 100], [35, 20], [1.0, 1.0]), 100.0, 35.0, 0.0, z=2.0)
+    assert r.ratio == pytest.approx(0.1) and r.at_or_before is True  # at the first evaluation: at or before it
+    assert r.low == pytest.approx(0.1) and r.low_at_or_before is True
+    assert r.high == pytest.approx(10 ** (1 + 2 / 15) / 100)
+
+
 def test_ratio_without_spread_has_no_interval_and_says_so():
     r = ratio_from_intervals(curve([10, 100], [40, 20]), 100.0, 30.0, math.nan, z=1.96)
     assert r.ratio == pytest.approx(10 ** -0.5) and not r.has_interval and "no interval" in r.note
