@@ -148,8 +148,8 @@ class _Statistic:
         out = np.zeros((2, batch))  # a metric not asked for stays 0 (a NaN row would make scipy warn)
         if self.want_fid:
             for b in range(batch):
-                tg = torch.as_tensor(np.ascontiguousarray(ig[b]), device=self.gen.device)
-                tr = torch.as_tensor(np.ascontiguousarray(ir[b]), device=self.ref.device)
+                tg = torch.as_tensor(np.array(ig[b]), device=self.gen.device)  # a copy: broadcast views are
+                tr = torch.as_tensor(np.array(ir[b]), device=self.ref.device)  # read-only
                 out[0, b] = fid_from_moments(_moments(self.gen[tg]), _moments(self.ref[tr]))
         if self.want_kid:
             out[1] = kid_unbiased(self.gen, self.ref, _counts(ig, len(self.gen)), _counts(ir, len(self.ref)),
