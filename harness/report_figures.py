@@ -181,6 +181,7 @@ def render_curves(figure: CurveFigure, lead: bool = False) -> bytes:
     xs = [x for s in figure.series for x in s.x if x > 0]
     if xs and max(xs) / min(xs) > 20:  # pretraining is cheap: a log axis keeps its points apart
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
     ys = [y for s in figure.series for y in s.y] + ([figure.floor[0]] if figure.floor else [])
     if ys and min(ys) > 0 and max(ys) / min(ys) > 10:  # a masked stage's FID can be 10x the final one
         ax.set_yscale("log")

@@ -71,6 +71,11 @@ def fmt_interval(low: float, high: float, scale: float | None = None) -> str:
     return f"[{fmt_signed(low, scale)}, {fmt_signed(high, scale)}]"
 
 
+def fmt_multiple(x: float) -> str:
+    """How many times the floor: 2.5 -> '2.5×', 530 -> '530×'."""
+    return "—" if pd.isna(x) else (f"{x:.2g}×" if x < 100 else f"{x:,.0f}×")
+
+
 def fmt_percent(x: float) -> str:
     """A cost ratio: 0.561 -> '56%', 2.3 -> '230%', inf -> 'not reached'."""
     if pd.isna(x):

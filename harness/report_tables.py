@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.report_data import BUDGETS, Data, budget_levels, evals_of, last_evals, select_at
-from harness.report_format import (Table, fmt_budget, fmt_interval, fmt_relative, fmt_signed, fmt_spread,
-                                   fmt_value)
+from harness.report_format import (Table, fmt_budget, fmt_interval, fmt_multiple, fmt_relative, fmt_signed,
+                                   fmt_spread, fmt_value)
 from harness.report_reach import ReachRow, fmt_ratio, fmt_reach
 from harness.report_stats import (FLOOR_FACTOR, LOWER_IS_BETTER, Difference, Sample, compare, converged,
                                   floor_multiple, run_std)
@@ -82,7 +82,7 @@ def floor_text(sample: Sample, metric: str) -> str:
     if math.isnan(multiple):
         return "—"
     state = converged(sample.mean, sample.floor, metric)
-    return f"{multiple:.2g}×" + (", not converged" if state is False else "")
+    return fmt_multiple(multiple) + (", not converged" if state is False else "")
 
 
 def difference_text(diff: Difference, scale: float) -> str:
@@ -166,7 +166,7 @@ def _conclusion(data: Data, cells: dict[str, Cell], group: str, sources: list[st
                        + ([" = ".join(so_far) + "'s latest evaluation"] if so_far else []))
     diff = compare(c.sample, r.sample)
     marks = [f"{name} {cell.marks}" for name, cell in ((group, c), (ref, r)) if cell.marks]
-    marks += [f"{name} not yet converged ({floor_multiple(cell.mean, cell.sample.floor):.2g}× floor)"
+    marks += [f"{name} not yet converged ({fmt_multiple(floor_multiple(cell.mean, cell.sample.floor))} floor)"
               for name, cell in ((group, c), (ref, r)) if converged(cell.mean, cell.sample.floor, metric) is False]
     m = metric.upper()
     return (f"{equal}, {whose} ({level}): {group} {m} {c.value_text()} vs {ref} {r.value_text()}: "
