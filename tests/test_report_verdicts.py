@@ -218,3 +218,14 @@ def test_markdown_leads_with_the_figure_and_summary_and_folds_the_details(tmp_pa
     footer = md[md.index("**Statistics.**"):]
     assert "scipy.stats.ttest_rel" in footer and "quadrature" in footer and f"{FLOOR_FACTOR:g}x" in footer
     assert "percentile-shifted with 200 resamples" in footer  # as the evaluations recorded it
+
+
+def test_figure_error_bars_are_t_intervals_of_the_seed_means(tmp_path):
+    pairs = [(30.0, 20.5), (31.5, 21.0), (29.2, 19.2)]
+    figure = curve_figure(load_data(sweep(tmp_path / "sweep", pairs)), "fid", "flops")
+    scratch = next(s for s in figure.series if s.group == "scratch")
+    finals = [p[0] for p in pairs]
+    half = stats.t.ppf(0.975, 2) * np.std(finals, ddof=1) / math.sqrt(3)
+    assert scratch.n == [3, 3] and scratch.y[-1] == pytest.approx(np.mean(finals))
+    assert (scratch.low[-1], scratch.high[-1]) == pytest.approx((np.mean(finals) - half, np.mean(finals) + half))
+    assert figure.boundaries == [("two_stage", pytest.approx(20_000))]  # pretraining's FLOPs
