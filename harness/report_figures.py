@@ -62,7 +62,7 @@ def _interval(at: pd.DataFrame) -> tuple[float, float]:
     row = at.iloc[0]
     if not (pd.isna(row.ci_low) or pd.isna(row.ci_high)):
         return float(row.ci_low), float(row.ci_high)
-    std = run_std(row.value_std, row.ci_low, row.ci_high)
+    std = run_std(row.value_std, row.ci_low, row.ci_high, row.metric)
     return float(row.value) - z_value() * std, float(row.value) + z_value() * std
 
 

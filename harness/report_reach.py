@@ -39,7 +39,7 @@ class ReachRow:
 
 
 def _std_of(row: pd.Series) -> float:
-    return run_std(row.value_std, row.ci_low, row.ci_high)
+    return run_std(row.value_std, row.ci_low, row.ci_high, row.metric)
 
 
 def pooled_points(points: pd.DataFrame, column: str) -> pd.DataFrame:

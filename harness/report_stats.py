@@ -37,8 +37,8 @@ DISTANCE_METRICS = frozenset({"fid", "kid"})  # metrics whose floor is a distanc
 
 FOOTER = [
     f"Intervals are {CONFIDENCE:.0%}. Spread: with several seeds per arm, mean ± sample std over seeds (n); with "
-    "one run, ± the evaluation's bootstrap std over generated and reference features (method and resamples as "
-    "recorded by the evaluation).",
+    "one run, ± the evaluation's bootstrap std over generated and reference features (KID: from its bootstrap "
+    "interval; method and resamples as recorded by the evaluation).",
     "Difference between arms at a budget: seeds both arms share are paired (t interval of the per-seed "
     "differences, scipy.stats.ttest_rel); other seeds: Welch's t interval (scipy.stats.ttest_ind, "
     "equal_var=False); one run per arm: normal interval from the two bootstrap stds in quadrature (conservative: "
@@ -72,13 +72,14 @@ def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def run_std(value_std: float, ci_low: float, ci_high: float) -> float:
-    """One evaluation's std: its bootstrap std, else the half-width of its 95% interval over z, else NaN."""
-    if _finite(value_std):
-        return float(value_std)
-    if _finite(ci_low) and _finite(ci_high):
-        return (ci_high - ci_low) / (2 * z_value())
-    return math.nan
+def run_std(value_std: float, ci_low: float, ci_high: float, metric: str = "") -> float:
+    """One evaluation's std: its bootstrap std, else the half-width of its 95% interval over z, else NaN. For KID
+    the interval comes first: the recorded kid_std is torch-fidelity's spread of *subset* estimates, wider than
+    the full-sample estimate's (it stands in only where no bootstrap interval was recorded)."""
+    from_interval = (ci_high - ci_low) / (2 * z_value()) if _finite(ci_low) and _finite(ci_high) else math.nan
+    if metric == "kid" and _finite(from_interval):
+        return from_interval
+    return float(value_std) if _finite(value_std) else from_interval
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class Cell:
 
 def sample_of(rows: list[pd.Series]) -> Sample:
     return Sample(tuple(float(r.value) for r in rows), tuple(None if pd.isna(r.seed) else int(r.seed) for r in rows),
-                  tuple(run_std(r.value_std, r.ci_low, r.ci_high) for r in rows),
+                  tuple(run_std(r.value_std, r.ci_low, r.ci_high, r.metric) for r in rows),
                   tuple(float(r.floor) for r in rows))
 
 

@@ -15,7 +15,7 @@ from harness.report import build_report, write_report
 from harness.report_data import load_data
 from harness.report_figures import curve_figure
 from harness.report_render import to_markdown
-from harness.report_stats import FLOOR_FACTOR, MIN_SINGLE_RUN_EFFECT, Sample, compare, converged
+from harness.report_stats import FLOOR_FACTOR, MIN_SINGLE_RUN_EFFECT, Sample, compare, converged, run_std
 
 Z = stats.norm.ppf(0.975)
 
@@ -53,6 +53,14 @@ def test_shared_seeds_are_paired_and_other_seeds_get_welch():
     expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     assert (welch.low, welch.high) == pytest.approx((expected.low, expected.high))
     assert welch.method == "Welch t, 3 vs 3 seeds"
+
+
+def test_an_evaluations_std_prefers_the_bootstrap():
+    assert run_std(0.6, 18.0, 22.0, "fid") == 0.6  # fid_boot_std as recorded
+    assert run_std(math.nan, 18.0, 22.0, "fid") == pytest.approx(2.0 / Z)  # from the interval
+    assert run_std(0.05, 0.01, 0.03, "kid") == pytest.approx(0.01 / Z)  # KID: the bootstrap, not the subset std
+    assert run_std(0.05, math.nan, math.nan, "kid") == 0.05  # older rows: the subset std stands in
+    assert math.isnan(run_std(math.nan, math.nan, math.nan, "fid"))
 
 
 def test_without_spread_nothing_is_called():
