@@ -138,9 +138,9 @@ class _Statistic:
         import torch
 
         ig, ir = np.asarray(ig), np.asarray(ir)
-        if ig.ndim == 2:  # not vectorised (scipy's checks): one resample
-            ig, ir = ig[:, None], ir[:, None]
-        ig, ir = ig[0], ir[0]  # rows 0 and 1 are the same indices
+        single = ig.ndim == 2 and ir.ndim == 2  # the data themselves (BCa and 'basic' ask for the observed value)
+        # rows 0 and 1 are the same indices; a sample without a batch axis (BCa's jackknife of the other) is one
+        ig, ir = (a[0] if a.ndim == 3 else a[0][None] for a in (ig, ir))
         batch = max(len(ig), len(ir))
         ig = np.broadcast_to(ig, (batch, ig.shape[-1]))
         ir = np.broadcast_to(ir, (batch, ir.shape[-1]))
@@ -154,7 +154,7 @@ class _Statistic:
         if self.want_kid:
             out[1] = kid_unbiased(self.gen, self.ref, _counts(ig, len(self.gen)), _counts(ir, len(self.ref)),
                                   device=self.device)
-        return out
+        return out[:, 0] if single else out
 
 
 def bootstrap_scores(gen, ref, observed: dict[str, float], resamples: int, seed: int, *, device="cpu",

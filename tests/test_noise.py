@@ -176,3 +176,17 @@ def test_noise_floor_of_a_dataset_too_small_is_reduced_and_labelled(extractions)
     assert "too small" in floor["floor_note"] and "subsets of 6" in floor["floor_note"]
     assert len(extractions) == 1  # the reference's features only: both halves are its rows
     assert "floor_precision" not in floor and floor["floor_fid"] > 0
+
+
+def test_bca_breaks_down_on_fid_where_the_shifted_percentile_does_not():
+    """Why the default is not BCa: with fewer samples than dimensions every resampled FID lies above the observed
+    one (the duplicates' bias exceeds the spread), so BCa's bias correction z0 = ndtri(0) is infinite."""
+    from scipy.stats import DegenerateDataWarning
+
+    x, y = _gaussian(30, 64, 0), _gaussian(30, 64, 1)
+    obs = _observed(x, y)
+    with pytest.warns(DegenerateDataWarning):
+        bca = noise.bootstrap_scores(x, y, obs, 40, seed=0, method="BCa")  # + a jackknife: 60 more FIDs
+    assert bca["bootstrap_method"] == "BCa" and np.isnan(bca["fid_ci_low"])
+    shifted = noise.bootstrap_scores(x, y, obs, 40, seed=0)
+    assert shifted["fid_ci_low"] < obs["frechet_inception_distance"] < shifted["fid_ci_high"]
