@@ -133,6 +133,26 @@ class _Statistic:
         self.gen, self.ref = _as_tensor(gen, device), _as_tensor(ref, device)
         self.want_fid, self.want_kid, self.device = want_fid, want_kid, device
         self.calls = 0
+        d = self.gen.shape[1]
+        # Fewer images than dimensions in both sets: every resample's FID comes from the Gram matrices, made once
+        self.gram = None
+        if want_fid and len(self.gen) <= d and len(self.ref) <= d:
+            self.gram = (self.gen @ self.gen.T, self.ref @ self.ref.T, self.ref @ self.gen.T)
+
+    def _fid_gram(self, i1: torch.Tensor, i2: torch.Tensor) -> float:
+        """FID of rows i1 of gen and i2 of ref from X1 X1', X2 X2', X2 X1' (centring done on the Gram side)."""
+        import torch
+
+        k11, k22, k21 = self.gram
+        a, b, p = k11[i1][:, i1], k22[i2][:, i2], k21[i2][:, i1]
+        m1, m2 = len(i1), len(i2)
+        mean_term = a.sum() / m1 ** 2 + b.sum() / m2 ** 2 - 2 * p.sum() / (m1 * m2)
+        tr1 = (torch.diagonal(a).sum() - a.sum() / m1) / (m1 - 1)
+        tr2 = (torch.diagonal(b).sum() - b.sum() / m2) / (m2 - 1)
+        g = p - p.mean(0, keepdim=True) - p.mean(1, keepdim=True) + p.mean()  # centred rows of ref x gen
+        gram = g.T @ g if m1 <= m2 else g @ g.T
+        tr_sqrt = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum() / math.sqrt((m1 - 1) * (m2 - 1))
+        return float(mean_term + tr1 + tr2 - 2 * tr_sqrt)
 
     def __call__(self, ig: np.ndarray, ir: np.ndarray, axis: int = -1) -> np.ndarray:
         import torch
@@ -150,7 +170,8 @@ class _Statistic:
             for b in range(batch):
                 tg = torch.as_tensor(np.array(ig[b]), device=self.gen.device)  # a copy: broadcast views are
                 tr = torch.as_tensor(np.array(ir[b]), device=self.ref.device)  # read-only
-                out[0, b] = fid_from_moments(_moments(self.gen[tg]), _moments(self.ref[tr]))
+                out[0, b] = (self._fid_gram(tg, tr) if self.gram is not None
+                             else fid_from_moments(_moments(self.gen[tg]), _moments(self.ref[tr])))
         if self.want_kid:
             out[1] = kid_unbiased(self.gen, self.ref, _counts(ig, len(self.gen)), _counts(ir, len(self.ref)),
                                   device=self.device)

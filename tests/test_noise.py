@@ -190,3 +190,19 @@ def test_bca_breaks_down_on_fid_where_the_shifted_percentile_does_not():
     assert bca["bootstrap_method"] == "BCa" and np.isnan(bca["fid_ci_low"])
     shifted = noise.bootstrap_scores(x, y, obs, 40, seed=0)
     assert shifted["fid_ci_low"] < obs["frechet_inception_distance"] < shifted["fid_ci_high"]
+
+
+@pytest.mark.parametrize("n1,n2,d", [(30, 50, 64), (50, 30, 64), (200, 150, 64)])
+def test_every_resample_fid_path_equals_torch_fidelitys(n1, n2, d):
+    """The statistic scipy calls: Gram matrices when both sets are smaller than d, else moments."""
+    x = np.abs(_gaussian(n1, d, 0))
+    y = np.abs(_gaussian(n2, d, 1, scale=1.3)) + 0.1
+    statistic = noise._Statistic(x, y, True, False, "cpu")
+    assert (statistic.gram is not None) == (max(n1, n2) <= d)
+    rng = np.random.default_rng(0)
+    i1, i2 = rng.integers(0, n1, (3, n1)), rng.integers(0, n2, (3, n2))
+    out = statistic(np.stack([i1, i1]), np.stack([i2, i2]))
+    for b in range(3):
+        assert out[0, b] == pytest.approx(_tf_fid(x[i1[b]], y[i2[b]]), rel=1e-6)
+    observed = statistic(np.stack([np.arange(n1)] * 2), np.stack([np.arange(n2)] * 2))  # unbatched: the data
+    assert observed.shape == (2,) and observed[0] == pytest.approx(_tf_fid(x, y), rel=1e-6)
