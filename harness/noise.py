@@ -12,7 +12,9 @@ and row 1 KID of the very same resample, from one call.
 
 FID per resample uses tr sqrt(S1 S2) = sum sqrt(eig(G^T G)), G = F2^T F1 with S = F F^T (F = centred rows /
 sqrt(n-1) when n <= d, else the Cholesky factor): symmetric eigenvalues of at most min(n, d) x min(n, d), in
-float64, equal to torch-fidelity's `fid_statistics_to_metric` to ~1e-9 (tests/test_noise.py). KID per resample is
+float64, equal to torch-fidelity's `fid_statistics_to_metric` to ~1e-8 (tests/test_noise.py). When both sets are
+smaller than d, resamples use the Gram matrices X1 X1', X2 X2', X2 X1' made once (centring on the Gram side), so
+no 2048-wide product is made per resample. KID per resample is
 the full-sample unbiased MMD^2 (same kernel as torch-fidelity's KID, same expectation as its subset mean) written
 in resample counts w, v over pairs of *different* images: (w'Kw - sum w_i^2 K_ii)/(m^2 - sum w_i^2) + (same for
 the reference) - 2 w'Kxy v/(mn); kernels computed block by block, once per call.
