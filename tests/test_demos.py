@@ -1,0 +1,57 @@
+"""The CPU demos plan what their docs say: recipes/quickstart.gin and recipes/mini_study.gin (swept over SEED).
+
+Planning only (no training): the quickstart's run and the mini study's sweep are measured and written down in
+docs/results/, which these tests keep true to the recipes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.config import load_recipe
+from harness.experiment import plan_from_gin
+from harness.sweep import build_sweep, parse_grid
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _stages(plan, arm):
+    return [plan.stages[sid].spec for sid in plan.arms[arm]]
+
+
+def test_quickstart_compares_equal_total_steps_with_a_masked_pretraining_that_leaves_four_blocks_visible():
+    plan = plan_from_gin(load_recipe(RECIPES / "quickstart.gin"))
+    (scratch,) = _stages(plan, "scratch")
+    pretrain, finetune = _stages(plan, "two_stage")
+    assert scratch.steps == pretrain.steps + finetune.steps == 4000
+    assert (pretrain.steps, finetune.steps) == (3000, 1000)
+    grid = pretrain.model.grid
+    assert grid == 8 and pretrain.mask.name == "block2"
+    masked = pretrain.mask.num_masked(grid)
+    assert masked == 48 and (grid * grid - masked) // 4 == 4  # 4 of the 16 2x2 blocks stay visible
+    for spec in (scratch, pretrain, finetune):
+        assert spec.data.source == "faces" and spec.data.resolution == 32
+        assert spec.diffusion.prediction == "x0"
+        assert spec.betas == (0.9, 0.999) and spec.lr == 2e-3 and spec.batch_size == 32
+    assert finetune.mask.name == "none" and scratch.mask.name == "none"
+    assert pretrain.eval is None
+    assert scratch.eval.steps == (2000,) and scratch.eval.num_samples == 250
+    assert scratch.eval.bootstrap > 0 and scratch.eval.noise_floor
+
+
+def test_mini_study_sweeps_three_seeds_with_paired_arms_and_several_evaluations():
+    variants = build_sweep(str(RECIPES / "mini_study.gin"), [], [parse_grid("SEED=[0,1,2]")])
+    assert [v.experiment for v in variants] == ["mini_study-seed=0", "mini_study-seed=1", "mini_study-seed=2"]
+    all_ids = set()
+    for seed, variant in enumerate(variants):
+        plan = variant.plan
+        (scratch,) = _stages(plan, "scratch")
+        pretrain, finetune = _stages(plan, "two_stage")
+        # every stage of a point trains and samples with its seed; the dataset itself never changes
+        assert {s.seed for s in (scratch, pretrain, finetune)} == {seed}
+        assert {s.eval.seed for s in (scratch, finetune)} == {seed}
+        assert {s.data.seed for s in (scratch, pretrain, finetune)} == {0}
+        assert scratch.steps == 3000 and (pretrain.steps, finetune.steps) == (3000, 1500)
+        assert scratch.eval.steps == (750, 1500, 2250) and finetune.eval.steps == (500, 1000)
+        assert pretrain.mask.name == "block2" and pretrain.eval is None
+        all_ids |= set(plan.stages)
+    assert len(all_ids) == 9  # no stage shared between seeds
