@@ -170,7 +170,7 @@ def render_curves(figure: CurveFigure, lead: bool = False) -> bytes:
             ax.axhline(FLOOR_FACTOR * high, color="grey", linestyle=":", linewidth=1,
                        label=f"{FLOOR_FACTOR:g}× floor (above: not yet converged)")
     if figure.target is not None:
-        ax.axhline(figure.target, color="black", linewidth=0.6, alpha=0.5)
+        ax.axhline(figure.target, color="black", linewidth=0.6, alpha=0.5, label=f"target: {figure.target_label}")
         for group, x in figure.reached:
             ax.plot([x], [figure.target], marker="*", markersize=13, color=colour.get(group, "black"),
                     markeredgecolor="black", linestyle="none",
