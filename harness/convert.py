@@ -66,7 +66,7 @@ import torch
 
 from harness.diffusion import DiffusionConfig, cosine_betas, linear_betas
 from harness.errors import HarnessError
-from harness.models.uvit import UViTConfig
+from harness.models.config import UViTConfig
 
 log = logging.getLogger(__name__)
 

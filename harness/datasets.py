@@ -9,13 +9,16 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from harness.data import DataConfig
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # DataConfig.build() imports this module; this one needs the spec's type only
+    from harness.data import DataConfig
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -155,7 +158,7 @@ def write_png_folder(dataset: ImageDataset | DataConfig, folder: str | os.PathLi
     Pixels are the dataset's own uint8 values (no flip, no float round trip), so reference statistics computed
     from these files match the training images exactly.
     """
-    if isinstance(dataset, DataConfig):
+    if not isinstance(dataset, ImageDataset):  # a DataConfig
         dataset = dataset.build()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

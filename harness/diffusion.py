@@ -174,7 +174,7 @@ class GaussianDiffusion:
         import torch
         import torch.nn.functional as F
 
-        from harness.models.uvit import gather_patches, patchify, visible_indices
+        from harness.patches import gather_patches, patchify, visible_indices
 
         x_t = self.q_sample(x0, t, noise)
         target = self.target(x0, t, noise)

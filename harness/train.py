@@ -29,7 +29,7 @@ from harness.datasets import to_device
 from harness.errors import HarnessError
 from harness.experiment import Stage
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
-from harness.models.uvit import visible_indices
+from harness.patches import visible_indices
 
 log = logging.getLogger(__name__)
 

@@ -173,7 +173,8 @@ def test_bad_options_are_harness_errors(tiny_recipe, capsys):
 
 def test_patch_embedding_of_visible_patches_equals_the_conv_then_gather():
     from harness.masks import BlockMask
-    from harness.models.uvit import UViTConfig, gather_patches, visible_indices
+    from harness.models.config import UViTConfig
+    from harness.patches import gather_patches, visible_indices
 
     torch.manual_seed(0)
     model = UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4).build()

@@ -19,7 +19,7 @@ from harness.config import load_recipe
 from harness.convert import default_heads, export_maskdm, import_maskdm, read_maskdm
 from harness.errors import HarnessError
 from harness.experiment import plan_from_gin
-from harness.models.uvit import UViTConfig
+from harness.models.config import UViTConfig
 from harness.stage import run_stage
 
 

@@ -79,12 +79,12 @@ def test_masked_uvit_flops_fall_with_the_tokens_kept(ratio):
     """The real MaskedUViT: masked-step FLOPs / unmasked-step FLOPs within 15% (relative) of the ratio of
     tokens entering the blocks. Every layer, the patch embedding included, runs on the visible tokens only;
     attention grows with tokens squared, so it pulls the ratio below the token ratio, never above it."""
-    import harness.models.uvit as uvit
     from harness.diffusion import DiffusionConfig
     from harness.masks import PatchMask
+    from harness.models.config import UViTConfig
 
     torch.manual_seed(0)
-    cfg = uvit.UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
+    cfg = UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
     model, diffusion = cfg.build(), DiffusionConfig().build()
     x0 = torch.randn(2, 3, 32, 32)
     mask = PatchMask(ratio=ratio).sample(2, cfg.grid)
@@ -95,7 +95,7 @@ def test_masked_uvit_flops_fall_with_the_tokens_kept(ratio):
     assert token_ratio**2 < masked / full <= token_ratio
     assert masked / full == pytest.approx(token_ratio, rel=0.15)
     # attention is counted on CPU too (the fused CPU kernel would count as zero): a deeper model costs more
-    deeper = uvit.UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=5, num_heads=4).build()
+    deeper = UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=5, num_heads=4).build()
     assert measure_step_flops(deeper, diffusion, x0) > full
 
 

@@ -12,7 +12,8 @@ import torch
 from harness.diffusion import DiffusionConfig
 from harness.errors import HarnessError
 from harness.masks import BlockMask, PatchMask
-from harness.models.uvit import UViTConfig, gather_patches, patchify, unpatchify, visible_indices
+from harness.models.config import UViTConfig
+from harness.patches import gather_patches, patchify, unpatchify, visible_indices
 
 GIN_SCHEDULES = Path(__file__).resolve().parent.parent / "gin" / "schedules"
 

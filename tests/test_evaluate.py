@@ -28,7 +28,7 @@ from harness.data import DataConfig
 from harness.diffusion import DiffusionConfig
 from harness.errors import HarnessError
 from harness.inception import weights_path
-from harness.models.uvit import UViTConfig
+from harness.models.config import UViTConfig
 from harness.sampling import SamplerConfig
 
 N = 8

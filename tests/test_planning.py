@@ -70,7 +70,8 @@ def test_configs_still_build_the_torch_objects():
     from harness.data import DataConfig
     from harness.datasets import ImageDataset
     from harness.diffusion import DiffusionConfig, linear_beta_max, linear_betas
-    from harness.models.uvit import MaskedUViT, UViTConfig
+    from harness.models.config import UViTConfig
+    from harness.models.uvit import MaskedUViT
 
     model = UViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2).build()
     assert isinstance(model, MaskedUViT)

@@ -10,7 +10,7 @@ import torch
 
 from harness.diffusion import DiffusionConfig
 from harness.errors import HarnessError
-from harness.models.uvit import UViTConfig
+from harness.models.config import UViTConfig
 from harness.sampling import SamplerConfig, image_seed, sample_batch, sample_images
 
 GIN_SAMPLING = Path(__file__).resolve().parent.parent / "gin" / "sampling"

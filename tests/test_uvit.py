@@ -12,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness.errors import HarnessError
 from harness.masks import BlockMask, PatchMask
-from harness.models.uvit import (
-    UViTConfig, gather_patches, patchify, timestep_embedding, unpatchify, visible_indices,
-)
+from harness.models.config import UViTConfig
+from harness.models.uvit import timestep_embedding
+from harness.patches import gather_patches, patchify, unpatchify, visible_indices
 
 GIN_BACKBONES = Path(__file__).resolve().parent.parent / "gin" / "backbones"
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=4)

@@ -90,7 +90,7 @@ def _export(args: argparse.Namespace) -> int:
     from harness.convert import config_of_weights, export_maskdm
     from harness.diffusion import DiffusionConfig
     from harness.errors import HarnessError
-    from harness.models.uvit import UViTConfig
+    from harness.models.config import UViTConfig
 
     src = Path(args.src).expanduser()
     if src.is_dir():

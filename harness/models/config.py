@@ -1,8 +1,8 @@
 """`UViTConfig`: the size and options of a MaskedUViT, as plain data.
 
 Kept apart from harness/models/uvit.py (the network) so that parsing a recipe and planning its stages never
-import torch; `UViTConfig.build()` imports the network when a stage actually builds it. `harness.models.uvit`
-re-exports the class, so `from harness.models.uvit import UViTConfig` keeps working.
+import torch; `UViTConfig.build()` imports the network when a stage actually builds it. The network module
+imports this one for type checking only, so the two never import each other at run time.
 """
 from __future__ import annotations
 
