@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's performance section, on one CUDA device, in one go.
+# The GPU figures of docs/performance.md, on one CUDA device, in one go.
 #
 #   bash scripts/bench_gpu.sh [OUTPUT_DIR]      (default: bench-gpu/)
 #

@@ -96,7 +96,7 @@ def test_sweep_refuses_a_misspelt_grid_key_like_a_misspelt_gin_override(tmp_path
 
 
 def test_sweep_dry_run_of_100_points_shows_the_arrays(tmp_path, capsys):
-    """(How long it takes is the README's performance figure, measured by hand: machines vary.)"""
+    """(How long it takes is a figure of docs/performance.md, measured by hand: machines vary.)"""
     recipe = write_fast_recipe(tmp_path)
     ratios = ",".join(f"{r / 100:.2f}" for r in range(5, 100, 10))
     lrs = ",".join(f"{k}e-4" for k in range(1, 11))
