@@ -6,9 +6,9 @@ worker, which re-parses it with `parse_gin_text`. Gin bindings themselves never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
-import dataclasses
 import logging
 import re
 import tokenize
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import gin
-
 from harness.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

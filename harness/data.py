@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gin
-
 from harness import embedded
 from harness.errors import HarnessError
 
@@ -49,10 +48,11 @@ class DataConfig:
     num_images: int = 4096  # embedded sources: how many images to generate
     seed: int = 0
     # Split lists (folders only: ignored by the embedded sources, as `root` is, so that a recipe's unscoped
-    # binding does not stop a fallback to them; added later, so left out of stage ids while unset). `split_file` names the images
-    # to keep: one per line, or "<image> <partition>" lines as CelebA's Eval/list_eval_partition.txt, from which
-    # `split` picks a partition ('train' = 0, 'val' = 1, 'test' = 2, or a label as written in the file). Images
-    # match by file name without extension, so '000001.jpg' in the list finds a prepared 'images/000001.png'.
+    # binding does not stop a fallback to them; added later, so left out of stage ids while unset).
+    # `split_file` names the images to keep: one per line, or "<image> <partition>" lines as CelebA's
+    # Eval/list_eval_partition.txt, from which `split` picks a partition ('train' = 0, 'val' = 1, 'test' = 2, or
+    # a label as written in the file). Images match by file name without extension, so '000001.jpg' in the list
+    # finds a prepared 'images/000001.png'.
     # The subset, if any, is then drawn from the split.
     split_file: str | None = dataclasses.field(default=None, metadata={"added_later": True})
     split: str | None = dataclasses.field(default=None, metadata={"added_later": True})

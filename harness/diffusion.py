@@ -17,7 +17,6 @@ import math
 from typing import TYPE_CHECKING
 
 import gin
-
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:  # torch is imported where schedules and losses are computed: a DiffusionConfig does not need it

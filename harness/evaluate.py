@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import gin
-
 from harness.errors import HarnessError
 from harness.fileio import append_jsonl, atomic_write_bytes, atomic_write_text
 from harness.inception import cache_dir, weights_id, weights_path

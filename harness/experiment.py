@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import gin
-
 from harness.errors import HarnessError
 
 DONE_MARKER = "DONE"

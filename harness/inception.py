@@ -69,9 +69,14 @@ def _fidelity_layout() -> nn.Module:
     """
     import torch
     from torch import nn
-
     from torch_fidelity.feature_extractor_inceptionv3 import (
-        BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE_1, InceptionE_2,
+        BasicConv2d,
+        InceptionA,
+        InceptionB,
+        InceptionC,
+        InceptionD,
+        InceptionE_1,
+        InceptionE_2,
     )
 
     with torch.device("meta"):

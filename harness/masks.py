@@ -24,7 +24,6 @@ import math
 from typing import TYPE_CHECKING
 
 import gin
-
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:  # torch is imported where masks are drawn: specs and plans do not need it

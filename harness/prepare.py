@@ -27,7 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from harness.data import IMAGE_SUFFIXES, PREPARE_PROGRESS, PREPARED_INDEX, list_images, subset_order
 from harness.datasets import fit_square, load_rgb

@@ -34,7 +34,8 @@ def _flatten(value: object, prefix: str) -> dict[str, object]:
 
 
 def _arm_signature(plan: dict, arm: str) -> dict[str, object]:
-    """The arm's stage chain as flat `stage.key -> value`, seeds and ids left out (what seeds share): the plan's
+    """The arm's stage chain as flat `stage.key -> value`, seeds (the stage's and its evaluation's) and ids left
+    out (what seeds share): the plan's
     summary keys (short names for labels), then every setting of the stage's full config (plan.json's `config`;
     plans written before it had one compare on the summary alone) that the summary does not already hold."""
     flat: dict[str, object] = {}
@@ -48,6 +49,8 @@ def _arm_signature(plan: dict, arm: str) -> dict[str, object]:
             # actual one), so two masks of another requested ratio must be compared on the config
             if stage.get(key) != value:
                 for flat_key, item in _flatten(value, f"{stage['name']}.{key}").items():
+                    if flat_key == f"{stage['name']}.eval.seed":  # the evaluation's sampling seed is a seed too
+                        continue
                     flat[flat_key] = json.dumps(item, sort_keys=True)
     return flat
 

@@ -14,11 +14,27 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.report_data import BUDGETS, Data, budget_levels, evals_of, last_evals, select_at
-from harness.report_format import (Table, fmt_budget, fmt_interval, fmt_multiple, fmt_relative, fmt_signed,
-                                   fmt_spread, fmt_value)
+from harness.report_format import (
+    Table,
+    fmt_budget,
+    fmt_interval,
+    fmt_multiple,
+    fmt_relative,
+    fmt_signed,
+    fmt_spread,
+    fmt_value,
+)
 from harness.report_reach import ReachRow, fmt_ratio, fmt_reach
-from harness.report_stats import (FLOOR_FACTOR, LOWER_IS_BETTER, Difference, Sample, compare, converged,
-                                  floor_multiple, run_std)
+from harness.report_stats import (
+    FLOOR_FACTOR,
+    LOWER_IS_BETTER,
+    Difference,
+    Sample,
+    compare,
+    converged,
+    floor_multiple,
+    run_std,
+)
 
 
 @dataclass

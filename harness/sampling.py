@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import gin
-
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:  # torch is imported where images are sampled: a SamplerConfig in a plan does not need it

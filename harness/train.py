@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from harness.checkpoint import (load_checkpoint, load_weights_strictly, newest_valid_checkpoint,
-                                save_checkpoint)
+from harness.checkpoint import load_checkpoint, load_weights_strictly, newest_valid_checkpoint, save_checkpoint
 from harness.cost import CostMeter, measure_step_flops
 from harness.datasets import to_device
 from harness.errors import HarnessError
@@ -506,8 +505,14 @@ class _Progress:
         self.spec, self.bar, self.task = spec, None, None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn(f"[bold]{spec.name}[/]"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]:.4f}"),

@@ -31,4 +31,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
+# Lint and import order (pyproject.toml's [tool.ruff]) first: a style slip fails in a second, not after the suite.
+python3 -m ruff check harness tests
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import TINY_RECIPE
 
 REPO = Path(__file__).resolve().parent.parent

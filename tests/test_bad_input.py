@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MICRO_RECIPE as MICRO
 from PIL import Image
 
-from conftest import MICRO_RECIPE as MICRO
 from harness.cli import main as cli_main
 
 

@@ -135,7 +135,8 @@ def test_missing_data_folder_falls_back_to_embedded_images_and_scales_the_estima
 def test_fallback_message_on_the_command_line(tiny_recipe, tmp_path, capsys):
     assert cli_main(["bench", str(tiny_recipe), "--stage", "finetune", "--steps", "1", "--warmup", "0",
                      "--sample-steps", "1", "--gin", "DataConfig.source = 'folder'",
-                     "--gin", f"DataConfig.root = '{tmp_path / 'nowhere'}'", "--gin", "DataConfig.resolution = 32"]) == 0
+                     "--gin", f"DataConfig.root = '{tmp_path / 'nowhere'}'",
+                     "--gin", "DataConfig.resolution = 32"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "does not exist" in out and "timing on the embedded 'shapes' generator at 32 px" in out
     assert "finetune" in out and "core-hours" in out

@@ -42,7 +42,7 @@ def reference_net(s: RefSizes, seed: int) -> dict[str, torch.Tensor]:
     """Random tensors named and shaped as the reference MaskedUViT (linear head) stores them."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, std=0.2: torch.randn(*shape, generator=g) * std  # noqa: E731
-    d, hid, pd = s.width, s.width * s.mlp_ratio, s.patch * s.patch * s.chans
+    d, pd = s.width, s.patch * s.patch * s.chans
     extras = 2 if s.classes else 1
     net = {"encoder.patch_embed.proj.weight": rnd(d, s.chans, s.patch, s.patch),
            "encoder.patch_embed.proj.bias": rnd(d, std=0.1),

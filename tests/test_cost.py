@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.cost import (SNAPSHOT_KEYS, CostMeter, DeviceInfo, describe_device, measure_step_flops,
-                          model_flop_formulas)
+from harness.cost import SNAPSHOT_KEYS, CostMeter, DeviceInfo, describe_device, measure_step_flops, model_flop_formulas
 
 COST_JSON_KEYS = {  # docs/internals.md, "Run folder files"
     "device", "device_count", "train_seconds", "eval_seconds", "device_hours", "eval_device_hours", "steps",

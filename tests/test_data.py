@@ -6,12 +6,12 @@ import json
 import os
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import gin
 from harness.data import DataConfig, choose_subset, list_images
 from harness.datasets import write_png_folder
 from harness.errors import HarnessError

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest_slurm import write_fast_recipe
 
 pytestmark = pytest.mark.slow

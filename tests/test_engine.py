@@ -124,7 +124,7 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tiny_recipe, tmp_path
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
-    steps = [json.loads(l)["step"] for l in (plan.stage_dir(resumed, scratch) / "metrics.jsonl").open()]
+    steps = [json.loads(line)["step"] for line in (plan.stage_dir(resumed, scratch) / "metrics.jsonl").open()]
     assert steps == [2, 4, 6, 8, 10, 12]  # every log step once: none lost, none twice
     for pid, slot in a["optimizer"]["state"].items():
         for name, tensor in slot.items():

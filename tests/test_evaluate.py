@@ -18,7 +18,6 @@ import torch
 import torch_fidelity
 import torch_fidelity.utils
 from PIL import Image
-
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 

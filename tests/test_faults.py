@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY_RECIPE
 from fixtures.synthetic_runs import standard_experiment
+
 from harness import checkpoint as ckpt_mod
 from harness import fileio
 from harness.checkpoint import checkpoint_path, load_checkpoint, newest_valid_checkpoint, save_checkpoint

@@ -7,10 +7,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RECIPE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_RECIPE
 from harness.config import load_recipe
 from harness.data import DataConfig
 from harness.datasets import load_rgb

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest_slurm import write_fast_recipe
+
 from harness.cli import main as harness_main
 from harness.errors import HarnessError
 from harness.launch import InlineLauncher, LocalLauncher, SlurmLauncher, Variant, launch_plan, launcher_from_name
@@ -404,7 +404,7 @@ def test_slurm_spec_becomes_the_sbatch_script():
 # -- stage state (harness status) -------------------------------------------------------------------------------
 def _metrics(folder: Path, rows: list[tuple[int, float]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in rows))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n" for s, loss in rows))
 
 
 def test_stage_state_from_markers_job_file_and_queue(tmp_path):

@@ -5,10 +5,10 @@ import dataclasses
 import importlib.util  # noqa: F401  (gin 0.5.0 needs it imported before parsing)
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 
+import gin
 from harness.errors import HarnessError
 from harness.masks import BlockMask, CropMask, NoMask, PatchMask, describe
 

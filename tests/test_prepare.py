@@ -96,7 +96,7 @@ def test_subsets_are_deterministic_and_match_data_config(tmp_path):
     (src / "corrupt.png").unlink()  # with every file readable, prepare picks what DataConfig picks
     a = prepare_dataset(src, tmp_path / "a", resolution=8, center_crop=True, subset=5, seed=3, show_progress=False)
     b = prepare_dataset(src, tmp_path / "b", resolution=8, center_crop=True, subset=5, seed=3, show_progress=False)
-    c = prepare_dataset(src, tmp_path / "c", resolution=8, center_crop=True, subset=5, seed=4, show_progress=False)
+    prepare_dataset(src, tmp_path / "c", resolution=8, center_crop=True, subset=5, seed=4, show_progress=False)
     files = lambda d: json.loads((tmp_path / d / "dataset.json").read_text())["files"]  # noqa: E731
     assert files("a") == files("b") and a.content_hash == b.content_hash
     assert set(files("a")) != set(files("c"))

@@ -6,8 +6,8 @@ import math
 import re
 
 import pytest
-
 from fixtures.synthetic_runs import StageSpec, SyntheticExperiment, add_partial_arm, standard_experiment
+
 from harness.cli import main as cli_main
 from harness.report import build_report, write_report
 from harness.report_data import budget_levels, load_data
@@ -135,6 +135,23 @@ def test_arms_that_differ_only_beyond_the_plan_summary_are_not_pooled_as_seeds(t
     rows = {r[0]: r for r in final_table(data, "fid").rows}
     assert rows["two_stage [finetune.ema_decay=0.999]"][7] == "20.50 ± 0.71 (n=2)"  # the two seeds
     assert rows["two_stage [finetune.ema_decay=0.9]"][7] == "30.00 ± 0.90"
+
+
+def test_the_evaluation_seed_is_a_seed_too(tmp_path):
+    """recipes/mini_study.gin gives each point `EvalConfig.seed = %SEED` as well as `Stage.seed`: those runs are
+    seeds of one arm, not arms of different configs; another evaluation setting still keeps arms apart."""
+    sweep = tmp_path / "sweep"
+    for name, seed, samples in (("a", 0, 250), ("b", 1, 250), ("c", 2, 500)):
+        exp = SyntheticExperiment(sweep, name)
+        sid = exp.stage(f"{name}scratch0000000", StageSpec(
+            ["scratch"], "train", None, 1000, 10, seed=seed,
+            config={"eval": {"type": "EvalConfig", "seed": seed, "num_samples": samples}}))
+        exp.evaluate(sid, 1000, 30.0 + seed)
+        exp.finish(sid)
+    data = load_data(sorted(sweep.iterdir()))
+    assert set(data.records.group) == {"scratch [train.eval.num_samples=250]", "scratch [train.eval.num_samples=500]"}
+    rows = {r[0]: r for r in final_table(data, "fid").rows}
+    assert rows["scratch [train.eval.num_samples=250]"][7] == "30.50 ± 0.71 (n=2)"
 
 
 def test_real_plans_carry_the_full_stage_config_without_seed_or_run_options(tiny_recipe):

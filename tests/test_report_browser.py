@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest_slurm import in_ci
 from fixtures.synthetic_runs import add_partial_arm, standard_experiment
+from PIL import Image
+
 from harness.report import write_report
 
 WIDTH, HEIGHT = 1300, 2000

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from fixtures.synthetic_runs import FLOOR_FID, final_pair, standard_experiment
 from scipy import stats
 
-from fixtures.synthetic_runs import FLOOR_FID, final_pair, standard_experiment
 from harness.cost_to_reach import Curve, first_reach, ratio_from_pairs
 from harness.report import build_report, write_report
 from harness.report_data import load_data

@@ -5,8 +5,8 @@ import math
 
 import pandas as pd
 import pytest
-
 from fixtures.synthetic_runs import FLOOR_FID, FLOOR_KID, add_partial_arm, standard_experiment
+
 from harness.errors import HarnessError
 from harness.results import COLUMNS, UNCERTAINTY_COLUMNS, collect, find_experiments, read_records, write_records
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import importlib.util  # noqa: F401  (gin 0.5.0 needs it imported before parsing)
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 
+import gin
 from harness.diffusion import DiffusionConfig
 from harness.errors import HarnessError
 from harness.models.config import UViTConfig

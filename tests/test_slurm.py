@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest_slurm import scontrol_job, slurm_cluster, wait_until, write_fast_recipe  # noqa: F401
+
 from harness.cli import main as harness_main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

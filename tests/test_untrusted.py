@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_RECIPE
 from PIL import Image
 
-from conftest import MICRO_RECIPE
 from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.cli import main as cli_main
 from harness.config import load_recipe

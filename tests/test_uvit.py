@@ -5,11 +5,11 @@ import importlib.util  # noqa: F401  (gin 0.5.0 needs it imported before parsing
 import math
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import gin
 from harness.errors import HarnessError
 from harness.masks import BlockMask, PatchMask
 from harness.models.config import UViTConfig

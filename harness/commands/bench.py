@@ -23,8 +23,7 @@ Examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from harness.experiment import (ATTENTION_BACKENDS, COMPILE_MODES,  # light: gin and the standard library
-                                    PRECISIONS)
+    from harness.experiment import ATTENTION_BACKENDS, COMPILE_MODES, PRECISIONS  # light: gin and the standard library
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG

@@ -16,8 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from harness.launch.jobs import Variant
-from harness.launch.specs import (LAUNCHERS, InlineLauncher, LauncherSpec, LocalLauncher, SlurmLauncher,
-                                  default_launcher, launcher_from_name)
+from harness.launch.specs import (
+    LAUNCHERS,
+    InlineLauncher,
+    LauncherSpec,
+    LocalLauncher,
+    SlurmLauncher,
+    default_launcher,
+    launcher_from_name,
+)
 
 __all__ = ["LAUNCHERS", "InlineLauncher", "LauncherSpec", "LocalLauncher", "SlurmLauncher", "Variant",
            "default_launcher", "launch_plan", "launch_variants", "launcher_from_name", "raise_for_failures"]

@@ -10,7 +10,6 @@ import shutil
 from dataclasses import dataclass, field
 
 import gin
-
 from harness.errors import HarnessError
 
 

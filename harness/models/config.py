@@ -10,7 +10,6 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import gin
-
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
