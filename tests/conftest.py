@@ -65,3 +65,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep converted Inception weights and FID statistics in one cache per test session, not in ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "harness-cache"
     monkeypatch.setenv("MASKDM_HARNESS_CACHE", str(cache))
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list[str]:
+    """Every time torch-fidelity really runs Inception over an input (cache hits do not count)."""
+    import torch_fidelity.utils  # here, not at the top: collecting the suite should not import torch
+
+    calls: list[str] = []
+    real = torch_fidelity.utils.extract_featuresdict_from_input_id
+
+    def counting(input_id, feat_extractor, **kwargs):
+        calls.append(str(kwargs[f"input{input_id}"]))
+        return real(input_id, feat_extractor, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", counting)
+    return calls

@@ -82,20 +82,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture
-def extractions(monkeypatch) -> list[str]:
-    """Every time torch-fidelity really runs Inception over an input (cache hits do not count)."""
-    calls: list[str] = []
-    real = torch_fidelity.utils.extract_featuresdict_from_input_id
-
-    def counting(input_id, feat_extractor, **kwargs):
-        calls.append(str(kwargs[f"input{input_id}"]))
-        return real(input_id, feat_extractor, **kwargs)
-
-    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", counting)
-    return calls
-
-
 def test_scores_equal_torch_fidelitys_own_call(folders):
     ours = ev.score_folders(folders["gen"], folders["ref"], ("fid", "kid"), kid_subset_size=4)
     theirs = torch_fidelity.calculate_metrics(

@@ -333,12 +333,40 @@ def _explicit_stages() -> tuple[Stage, Stage]:
     return pre, fin
 
 
-def test_stages_that_leave_the_new_settings_at_their_defaults_keep_their_ids():
+OLD_QUICKSTART = """
+include 'data/shapes32.gin'
+include 'backbones/uvit_tiny.gin'
+include 'schedules/cosine.gin'
+include 'masks/block2.gin'
+include 'eval/quick_cpu.gin'
+MASK_RATIO = 0.9
+Stage.batch_size = 32
+Stage.lr = 1e-3
+Stage.ema_decay = 0.999
+Stage.log_every = 100
+Stage.checkpoint_every = 500
+Stage.eval = @EvalConfig()
+pretrain/Stage.mask = @BlockMask()
+pretrain/Stage.steps = 1000
+pretrain/Stage.eval = None
+finetune/Stage.steps = 500
+finetune/Stage.warmup_steps = 50
+scratch/Stage.steps = 1500
+scratch/EvalConfig.steps = (750,)
+Experiment.name = 'quickstart'
+Experiment.arms = {'scratch': [@scratch/Stage()], 'two_stage': [@pretrain/Stage(), @finetune/Stage()]}
+"""
+
+
+def test_stages_that_leave_the_new_settings_at_their_defaults_keep_their_ids(tmp_path):
     # ids computed before the fidelity switches existed (commit 6edafc3)
     pre, fin = _explicit_stages()
     pre_id = stage_id(pre.describe(), None)
     assert (pre_id, stage_id(fin.describe(), pre_id)) == ("adb2308025a9bead", "8dc44c7d12b63282")
-    plan = plan_from_gin(load_recipe("quickstart"))
+    # the quickstart recipe of that commit (the quickstart has changed since, on purpose)
+    recipe = tmp_path / "old_quickstart.gin"
+    recipe.write_text(OLD_QUICKSTART)
+    plan = plan_from_gin(load_recipe(str(recipe)))
     assert {ps.dir for ps in plan.stages.values()} == {
         "scratch/scratch-a5c738df", "two_stage/pretrain-94127813", "two_stage/finetune-4b7c9842"}
     # ... and a stage that uses one does move

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch_fidelity.utils
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -24,20 +23,6 @@ from harness.data import DataConfig
 def _small_inception(_isolated_cache, tmp_path_factory, monkeypatch):
     monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "harness-cache-75px-noise"))
     monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
-
-
-@pytest.fixture
-def extractions(monkeypatch) -> list[str]:
-    """Every time torch-fidelity really runs Inception over an input (cache hits do not count)."""
-    calls: list[str] = []
-    real = torch_fidelity.utils.extract_featuresdict_from_input_id
-
-    def counting(input_id, feat_extractor, **kwargs):
-        calls.append(str(kwargs[f"input{input_id}"]))
-        return real(input_id, feat_extractor, **kwargs)
-
-    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id", counting)
-    return calls
 
 
 def _gaussian(n: int, d: int, seed: int, scale: float = 1.0) -> np.ndarray:
