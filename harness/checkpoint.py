@@ -69,18 +69,49 @@ def _prune(folder: Path, keep: int) -> None:
         path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (tensors and plain containers only)."""
+# torch.save writes a zip archive; files from before torch 1.6 are a bare pickle (protocol 2+: first byte 0x80)
+_TORCH_FILE_HEADS = (b"PK\x03\x04", b"\x80")
+# What torch's weights-only unpickler says when a file asks for a type it does not build (a class, a function,
+# a numpy object array): such a file would run code under a plain torch.load
+_CODE_SIGNS = ("Unsupported global", "Unsupported operand", "Can only build", "allowlisted")
+
+
+def safe_torch_load(path: str | Path, what: str, *, if_code: str, otherwise: str = "", verb: str = "load",
+                    map_location: str | torch.device = "cpu", extra_globals: tuple = (), mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a file someone else may have written, with errors that say what is wrong:
+    missing, not a torch file at all, pickled code (refused, never run), or otherwise unreadable. `what` names the
+    file in messages ("checkpoint", "the Inception weights"); `if_code` says what to do about a file holding
+    code, `otherwise` about the other failures. `extra_globals` are the only non-tensor types allowed (e.g.
+    numpy's, for torch-fidelity's statistics files). The one place the harness reads torch files it did not just
+    write: checkpoints, MaskDM checkpoints, Inception weights, cached features."""
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(f"checkpoint {path} does not exist")
+        raise HarnessError(f"{what} {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_FILE_HEADS):
+        raise HarnessError(f"cannot read {what} {path}: it is not a file written by torch.save (neither a zip "
+                           f"archive nor a pickle); check the path. {otherwise}".rstrip())
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or broken files
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise HarnessError(f"refusing to load {path}: it contains pickled Python objects that could run "
-                               "code; only tensors and plain containers are accepted") from err
-        raise HarnessError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+        with torch.serialization.safe_globals(list(extra_globals)):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not mmap or "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)  # old files cannot be mapped
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError ...: torch's message says which
+        if any(sign in str(err) for sign in _CODE_SIGNS):
+            raise HarnessError(f"refusing to {verb} {what} {path}: it contains pickled Python objects that could "
+                               f"run code. {if_code}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HarnessError(f"cannot read {what} {path} ({first}). {otherwise}".rstrip()) from err
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain containers only)."""
+    return safe_torch_load(path, "checkpoint", map_location=map_location,
+                           if_code="Only tensors and plain containers are accepted.")
 
 
 def load_weights_strictly(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:

@@ -64,6 +64,7 @@ from typing import Any, Mapping
 
 import torch
 
+from harness.checkpoint import safe_torch_load
 from harness.diffusion import DiffusionConfig, cosine_betas, linear_betas
 from harness.errors import HarnessError
 from harness.models.config import UViTConfig
@@ -305,18 +306,10 @@ def load_reference(src: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(src, Mapping):
         return src
     path = Path(src).expanduser()
-    if not path.is_file():
-        raise HarnessError(f"MaskDM checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, ...: the message says which
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise HarnessError(
-                f"refusing to unpickle {path}: besides tensors it holds Python objects, which could run code. If "
-                "you trust the file, strip it in a separate environment: python -c \"import torch; c = torch.load("
-                f"'{path}', map_location='cpu', weights_only=False); torch.save({{k: c[k] for k in ('step', "
-                "'model', 'ema') if k in c}, 'clean.pt')\" and import clean.pt") from err
-        raise HarnessError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+    strip = (f"If you trust the file, strip it in a separate environment: python -c \"import torch; c = torch.load("
+             f"'{path}', map_location='cpu', weights_only=False); torch.save({{k: c[k] for k in ('step', 'model', "
+             "'ema') if k in c}, 'clean.pt')\" and import clean.pt")
+    return safe_torch_load(path, "MaskDM checkpoint", verb="unpickle", if_code=strip)
 
 
 def _split_wrapper(state: Mapping[str, Any], where: str, unknown: list[str]) -> tuple[dict, dict]:

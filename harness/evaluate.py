@@ -156,6 +156,18 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
 
 
+def _check_readable(files: list[Path]) -> None:
+    """Every file opens as an image (headers only: cheap); else name the first one that does not."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise HarnessError(f"cannot read image {path} ({err}); delete or replace it") from err
+
+
 def folder_content_id(folder: str | os.PathLike) -> str:
     """Hash of the image file names, sizes and mtimes: changes whenever an image is added, removed or edited."""
     digest = hashlib.sha256()
@@ -271,25 +283,13 @@ def _numpy_array_globals() -> list[Any]:
 
 
 def refuse_pickled_code(path: str | os.PathLike, what: str) -> None:
-    """Open `path` with torch's safe loader (memory-mapped, so cheap); HarnessError if it holds more than
-    tensors and plain containers."""
-    import torch
+    """Open `path` with the safe loader (memory-mapped, so cheap); HarnessError if it holds more than tensors,
+    plain containers and numpy arrays (torch-fidelity's own FID statistics are plain numpy arrays)."""
+    from harness.checkpoint import safe_torch_load
 
-    try:
-        # torch-fidelity's own FID statistics are plain numpy arrays: allow just what rebuilds those.
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file cannot be mapped
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError ... for unsafe or broken files
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise HarnessError(f"refusing to use the {what} {path}: it contains pickled Python objects that "
-                               "could run code; delete it (cached files are recomputed) or replace it") from err
-        raise HarnessError(f"cannot read the {what} {path} ({str(err).splitlines()[0] if str(err) else err}); "
-                           "delete it (cached files are recomputed) or replace it") from err
+    fix = "Delete it (cached files are recomputed) or replace it."
+    safe_torch_load(path, f"the {what}", verb="use", if_code=fix, otherwise=fix,
+                    extra_globals=tuple(_numpy_array_globals()), mmap=True)
 
 
 @contextlib.contextmanager
@@ -472,6 +472,7 @@ def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), 
     for folder in (a, b):
         if not list_images(folder):
             raise HarnessError(f"no images (png/jpg/jpeg) at the top level of {folder}")
+        _check_readable(list_images(folder))  # else a bad file surfaces as a wrong count, or deep in torch-fidelity
     check_sample_counts(metrics, len(list_images(a)), len(list_images(b)), kid_subset_size)
     options = dict(weights=weights, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device,
                    verbose=verbose)

@@ -235,3 +235,23 @@ def test_missing_data_of_a_later_stage_fails_before_anything_trains(micro, tmp_p
     # a dry run still shows the plan, and says what is missing
     assert cli_main(argv + ["--dry-run"]) == 0
     assert f"note: data folder {missing} does not exist" in capsys.readouterr().err
+
+
+def test_fid_names_an_unreadable_image_instead_of_miscounting(tmp_path, capsys):
+    samples, reference = tmp_path / "samples", tmp_path / "reference"
+    samples.mkdir()
+    reference.mkdir()
+    (samples / "0.png").write_text("not an image")
+    for i in range(4):
+        _png(reference / f"{i}.png", 16, 16, seed=i)
+    shown = fails_cleanly(["fid", str(samples), str(reference)], capsys, "cannot read image", "0.png")
+    assert "only 1" not in shown
+
+
+@pytest.mark.parametrize("name", ["notes.pt", "picture.png"])
+def test_convert_import_of_a_file_that_is_no_checkpoint_says_so(tmp_path, capsys, name):
+    src = tmp_path / name
+    src.write_text("hello, I am plain text")
+    shown = fails_cleanly(["convert", "import", str(src), str(tmp_path / "out.pt")], capsys,
+                          "not a file written by torch.save", name)
+    assert "could run code" not in shown
