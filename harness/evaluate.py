@@ -148,8 +148,10 @@ def check_reference_size(cfg: EvalConfig, dataset_images: int) -> None:
 # ----------------------------------------------------------------------------------------------- image folders
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The images torch-fidelity will read from `folder` (top level only, png/jpg/jpeg), sorted."""
+def fidelity_inputs(folder: str | os.PathLike) -> list[Path]:
+    """The images torch-fidelity will read from `folder` (top level only, png/jpg/jpeg), sorted. Not
+    `harness.data.list_images`, which finds a dataset's images (recursive, webp too): torch-fidelity reads a
+    folder's top level only, and the counts checked here must be the ones it will see."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HarnessError(f"image folder {folder} does not exist (or is not a folder)")
@@ -171,7 +173,7 @@ def _check_readable(files: list[Path]) -> None:
 def folder_content_id(folder: str | os.PathLike) -> str:
     """Hash of the image file names, sizes and mtimes: changes whenever an image is added, removed or edited."""
     digest = hashlib.sha256()
-    for path in list_images(folder):
+    for path in fidelity_inputs(folder):
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -307,7 +309,7 @@ def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_
                      verbose: bool) -> Reference:
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
-    n = len(list_images(folder))
+    n = len(fidelity_inputs(folder))
     if n < 2:
         raise HarnessError(f"reference folder {folder} holds {n} images (png/jpg/jpeg at its top level); "
                            "point it at a folder of at least 2 images.")
@@ -425,7 +427,7 @@ def score_features(samples: str | os.PathLike, reference: Reference | str | os.P
     weights = weights_path(weights)
     if isinstance(reference, Reference):
         check_reference_weights(reference, weights)
-        check_sample_counts(metrics, len(list_images(samples)), reference.num_images, kid_subset_size)
+        check_sample_counts(metrics, len(fidelity_inputs(samples)), reference.num_images, kid_subset_size)
         if cached_reference(reference.name) is None:
             raise HarnessError(f"reference features {reference.name} vanished from {fidelity_cache_root()}; "
                                "rerun to recompute them (`harness fid-stats`).")
@@ -470,10 +472,10 @@ def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), 
     """
     metrics = check_metrics(metrics)
     for folder in (a, b):
-        if not list_images(folder):
+        if not fidelity_inputs(folder):
             raise HarnessError(f"no images (png/jpg/jpeg) at the top level of {folder}")
-        _check_readable(list_images(folder))  # else a bad file surfaces as a wrong count, or deep in torch-fidelity
-    check_sample_counts(metrics, len(list_images(a)), len(list_images(b)), kid_subset_size)
+        _check_readable(fidelity_inputs(folder))  # else a bad file surfaces as a wrong count, or deep in torch-fidelity
+    check_sample_counts(metrics, len(fidelity_inputs(a)), len(fidelity_inputs(b)), kid_subset_size)
     options = dict(weights=weights, kid_subset_size=kid_subset_size, batch_size=batch_size, device=device,
                    verbose=verbose)
     if cache_reference:
