@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,8 +17,17 @@ from PIL import Image, ImageOps
 
 from harness.errors import HarnessError
 
-if TYPE_CHECKING:  # DataConfig.build() imports this module; this one needs the spec's type only
-    from harness.data import DataConfig
+
+class DataSpec(Protocol):
+    """What the datasets use of their spec, `harness.data.DataConfig`. That module builds the datasets from this
+    one (`DataConfig.build()`), so this one does not import it, not even for type checking."""
+
+    resolution: int
+    center_crop: bool
+
+    def write_manifest(self, path: str | os.PathLike) -> None: ...
+
+    def build(self) -> ImageDataset: ...
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -46,7 +55,7 @@ def pixel_values(device: torch.device | str) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """Images as float32 [C, H, W] in [-1, 1]. Subclasses supply `uint8_batch` (uint8 [B, H, W, 3])."""
 
-    def __init__(self, config: DataConfig, names: list[str]):
+    def __init__(self, config: DataSpec, names: list[str]):
         self.config = config
         self.names = names  # file paths relative to the root, or `shapes/000123` for embedded images
         self.resolution = config.resolution
@@ -76,7 +85,7 @@ class ImageDataset(torch.utils.data.Dataset):
 class ArrayImages(ImageDataset):
     """Images held in one uint8 [N, H, W, 3] array: generated in memory, or a memory-mapped prepared .npy."""
 
-    def __init__(self, config: DataConfig, array: np.ndarray, names: list[str], rows: list[int]):
+    def __init__(self, config: DataSpec, array: np.ndarray, names: list[str], rows: list[int]):
         super().__init__(config, names)
         self.array = array
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -88,7 +97,7 @@ class ArrayImages(ImageDataset):
 class FolderImages(ImageDataset):
     """Image files decoded on demand (and resized/cropped when `center_crop`)."""
 
-    def __init__(self, config: DataConfig, root: Path, names: list[str]):
+    def __init__(self, config: DataSpec, root: Path, names: list[str]):
         super().__init__(config, names)
         self.root = root
 
@@ -151,7 +160,7 @@ def check_headers(root: Path, names: list[str], resolution: int, exact_size: boo
 
 
 # ---------------------------------------------------------------------------------------------- export
-def write_png_folder(dataset: ImageDataset | DataConfig, folder: str | os.PathLike, limit: int | None = None,
+def write_png_folder(dataset: ImageDataset | DataSpec, folder: str | os.PathLike, limit: int | None = None,
                      batch_size: int = 256) -> int:
     """Write the first `limit` images (all by default) as `000000.png`, ... into `folder`; returns the count.
 

@@ -1,7 +1,5 @@
 """The package's modules import each other in one direction only: no import cycles, not even through imports
-made inside functions (which hide a cycle from Python but not from a reader).
-
-Imports under `if TYPE_CHECKING:` do not count: they never run.
+made inside functions or under `if TYPE_CHECKING:` (which hide a cycle from Python but not from a reader).
 """
 from __future__ import annotations
 
@@ -16,25 +14,13 @@ def _module_name(path: Path, package: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those inside `if TYPE_CHECKING:` blocks."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> the package modules it imports (at module level or inside functions)."""
+    """module -> the package modules it imports (anywhere: module level, functions, type-checking blocks)."""
     modules = {_module_name(p, package): p for p in package.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets: set[str] = set()
-        for node in _runtime_nodes(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets.add(node.module)
                 targets.update(f"{node.module}.{alias.name}" for alias in node.names)
@@ -87,7 +73,8 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("from pkg import b\n")
     (package / "b.py").write_text("def f():\n    from pkg.a import x\n")
-    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n")
+    (package / "d.py").write_text("from pkg import c\n")
     graph = import_graph(package)
-    assert graph["pkg.c"] == set()  # type-checking imports do not count
-    assert cycles(graph) == [["pkg.a", "pkg.b"]]
+    assert graph["pkg.c"] == {"pkg.d"}  # a type-checking import is an import too
+    assert cycles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.d"]]

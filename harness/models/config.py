@@ -2,7 +2,7 @@
 
 Kept apart from harness/models/uvit.py (the network) so that parsing a recipe and planning its stages never
 import torch; `UViTConfig.build()` imports the network when a stage actually builds it. The network module
-imports this one for type checking only, so the two never import each other at run time.
+does not import this one, not even for type checking: the two never import each other.
 """
 from __future__ import annotations
 

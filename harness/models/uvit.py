@@ -18,7 +18,6 @@ same (visible) tokens as the encoder, the time token included. Not included: U-V
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,6 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.patches import gather_patches, patchify, unpatchify, visible_indices
-
-if TYPE_CHECKING:  # the spec lives in models/config.py (torch-free), whose build() imports this module
-    from harness.models.config import UViTConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -120,7 +116,9 @@ class MaskedUViT(nn.Module):
     y: class labels [B] for a conditional model (num_classes > 0); None uses the learned unconditional embedding.
     """
 
-    def __init__(self, cfg: UViTConfig) -> None:
+    def __init__(self, cfg) -> None:
+        # cfg: a harness.models.config.UViTConfig. Not imported, not even for type checking: that module builds
+        # this one (UViTConfig.build), and the two must not import each other.
         super().__init__()
         from timm.layers import PatchEmbed  # imported here: timm takes seconds to import, recipes parse without it
 
