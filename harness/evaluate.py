@@ -496,11 +496,12 @@ def score_folders(a: str | os.PathLike, b: str | os.PathLike, metrics=("fid",), 
 
 def load_reference_features(reference: Reference) -> Any:
     """The cached pool3 features of a reference, numpy float32 [num_images, 2048] in image order."""
-    import torch
+    from harness.checkpoint import safe_torch_load
 
-    path = _cache_files(reference.name)[0]
-    refuse_pickled_code(path, "cached reference features")
-    return torch.load(path, map_location="cpu", weights_only=True).numpy().astype("float32", copy=False)
+    fix = "Delete it (cached files are recomputed) or replace it."
+    features = safe_torch_load(_cache_files(reference.name)[0], "the cached reference features", verb="use",
+                               if_code=fix, otherwise=fix)  # one safe read, no second plain torch.load
+    return features.numpy().astype("float32", copy=False)
 
 
 def _write_dataset_range(dataset, folder: Path, start: int, stop: int, batch_size: int = 256) -> None:

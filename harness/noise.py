@@ -134,7 +134,6 @@ class _Statistic:
     def __init__(self, gen, ref, want_fid: bool, want_kid: bool, device) -> None:
         self.gen, self.ref = _as_tensor(gen, device), _as_tensor(ref, device)
         self.want_fid, self.want_kid, self.device = want_fid, want_kid, device
-        self.calls = 0
         d = self.gen.shape[1]
         # Fewer images than dimensions in both sets: every resample's FID comes from the Gram matrices, made once
         self.gram = None
@@ -166,7 +165,6 @@ class _Statistic:
         batch = max(len(ig), len(ir))
         ig = np.broadcast_to(ig, (batch, ig.shape[-1]))
         ir = np.broadcast_to(ir, (batch, ir.shape[-1]))
-        self.calls += batch
         out = np.zeros((2, batch))  # a metric not asked for stays 0 (a NaN row would make scipy warn)
         if self.want_fid:
             for b in range(batch):

@@ -192,7 +192,7 @@ def render_curves(figure: CurveFigure, lead: bool = False) -> bytes:
     ax.set_title(f"{m} vs {label}")
     ax.grid(alpha=0.3, which="both")
     if figure.series:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5) if lead else (1.01, 0.5))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.text(0.5, 0.5, f"no {figure.metric} evaluations yet", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)

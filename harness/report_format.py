@@ -33,17 +33,17 @@ def fmt_relative(value: float, reference: float) -> str:
     return f"{(value - reference) / reference * 100:+.1f}%"
 
 
+def _digits(x: float) -> str:
+    return ".4f" if abs(x) < 1 else ".2f"
+
+
 def fmt_value(mean: float, std: float = math.nan, n: int = 1) -> str:
     if pd.isna(mean):
         return "—"
-    digits = ".4f" if abs(mean) < 1 else ".2f"
+    digits = _digits(mean)
     if n > 1:
         return f"{mean:{digits}} ± {std:{digits}} (n={n})"
     return f"{mean:{digits}}"
-
-
-def _digits(x: float) -> str:
-    return ".4f" if abs(x) < 1 else ".2f"
 
 
 def fmt_spread(mean: float, spread: float, n: int) -> str:

@@ -103,9 +103,9 @@ def reach_rows(data: Data, metric: str, budgets: list[str]) -> list[ReachRow]:
             continue
         compared = [ref] + [g for g in groups if g != ref and data.reference_of(g) == ref]
         last = len(ref_points) - 1
+        end = "final" if data.is_done(ref) else "latest"
         for k in range(last, -1, -1):
             point = ref_points.iloc[k]
-            end = "final" if data.is_done(ref) else "latest"
             label = f"{ref} {end}" if k == last else f"{ref} at {point.stage}@{int(point.step)}"
             for group in compared:
                 row = ReachRow(group, ref, float(point.y), label, k == last)
@@ -122,10 +122,10 @@ def _reach(evals: pd.DataFrame, points_of, group: str, ref: str, point: pd.Serie
     group_points = points_of(group, column)
     curve = _curve(group_points)
     reach = first_reach(curve, target, lower)
-    ref_points = points_of(ref, column)
-    ref_cost = first_reach(_curve(ref_points), target, lower).cost
     if group == ref:
         return reach, Ratio(1.0)
+    ref_points = points_of(ref, column)
+    ref_cost = first_reach(_curve(ref_points), target, lower).cost
     arms, refs = _members(evals, group), _members(evals, ref)
     targets = {s: _value_at(refs[s], int(point.stage_index), int(point.step)) for s in arms if s in refs}
     shared = [s for s, value in targets.items() if not math.isnan(value)]  # seeds whose scratch has this point

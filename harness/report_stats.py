@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
@@ -106,12 +105,6 @@ class Sample:
             m = self.mean
             return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
         return self.stds[0] if self.n == 1 and self.stds else math.nan
-
-    @property
-    def spread_kind(self) -> str:
-        if self.n > 1:
-            return "seeds"
-        return "bootstrap" if _finite(self.spread) else ""
 
     @property
     def standard_error(self) -> float:
@@ -204,7 +197,3 @@ def converged(value: float, floor: float, metric: str) -> bool | None:
         return None
     return multiple <= FLOOR_FACTOR
 
-
-def mean_of(values: Sequence[float]) -> float:
-    known = [v for v in values if _finite(v)]
-    return sum(known) / len(known) if known else math.nan
