@@ -27,6 +27,7 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 CONFIGURABLE_MODULES = (
     "harness.masks",
     "harness.models.config",  # UViTConfig (the network, harness.models.uvit, needs torch)
+    "harness.models.dit_config",  # DiTConfig (the network, harness.models.dit, needs torch)
     "harness.diffusion",
     "harness.sampling",
     "harness.data",

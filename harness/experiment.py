@@ -100,6 +100,7 @@ class Stage:
         from harness.evaluate import EvalConfig
         from harness.masks import Mask, NoMask
         from harness.models.config import UViTConfig
+        from harness.models.dit_config import DiTConfig
 
         if not self.name:
             self.name = gin.current_scope_str().split("/")[-1] or "train"
@@ -110,12 +111,14 @@ class Stage:
         self.data = self.data if self.data is not None else DataConfig()
         self.diffusion = self.diffusion if self.diffusion is not None else DiffusionConfig()
         self.betas = tuple(self.betas)
-        for key, kind in (("mask", Mask), ("model", UViTConfig), ("data", DataConfig),
-                          ("diffusion", DiffusionConfig), ("eval", EvalConfig)):
+        backbones = (UViTConfig, DiTConfig)  # the backbone specs a stage can train
+        for key, kinds in (("mask", (Mask,)), ("model", backbones), ("data", (DataConfig,)),
+                           ("diffusion", (DiffusionConfig,)), ("eval", (EvalConfig,))):
             value = getattr(self, key)
-            if value is not None and not isinstance(value, kind):
-                raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {kind.__name__}; bind it "
-                                   f"to one, e.g. Stage.{key} = @{'BlockMask' if kind is Mask else kind.__name__}()")
+            if value is not None and not isinstance(value, kinds):
+                names = " or ".join(kind.__name__ for kind in kinds)
+                raise HarnessError(f"stage '{self.name}': {key} = {value!r} is not a {names}; bind it to one, "
+                                   f"e.g. Stage.{key} = @{'BlockMask' if kinds[0] is Mask else kinds[0].__name__}()")
         for key, allowed in (("precision", PRECISIONS), ("init_from", ("raw", "ema")), ("compile", COMPILE_MODES),
                              ("attention", ATTENTION_BACKENDS), ("nan_policy", ("stop", "skip")),
                              ("ema_warmup_rule", EMA_WARMUP_RULES), ("weight_decay_exempt", WEIGHT_DECAY_EXEMPT)):
@@ -135,11 +138,12 @@ class Stage:
                               ("sample_steps", self.sample_steps >= 1, "must be at least 1")):
             if not ok:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r} {rule}")
+        backbone = type(self.model).__name__
         if self.data.resolution != self.model.img_size:  # else the first step fails, maybe after a long queue
             raise HarnessError(f"stage '{self.name}': DataConfig.resolution = {self.data.resolution} but "
-                               f"UViTConfig.img_size = {self.model.img_size}; make them equal")
-        if self.model.num_classes > 0:  # the data carries no labels: label_emb would never be trained
-            raise HarnessError(f"stage '{self.name}': UViTConfig.num_classes = {self.model.num_classes}, but "
+                               f"{backbone}.img_size = {self.model.img_size}; make them equal")
+        if self.model.num_classes > 0:  # the data carries no labels: the class embedding would never be trained
+            raise HarnessError(f"stage '{self.name}': {backbone}.num_classes = {self.model.num_classes}, but "
                                "training takes no class labels; set it to 0 (class-conditional models can be "
                                "converted, not trained)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

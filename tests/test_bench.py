@@ -467,3 +467,25 @@ def test_with_compare_mask_each_rows_peak_leaves_out_what_the_row_before_holds(t
     options = BenchOptions(steps=1, warmup=0, sample_steps=1, compare_mask=True)
     rows = run_bench("tiny", [stages["pretrain"]], options).rows
     assert [(row.variant, row.peak_memory_bytes) for row in rows] == [("stage", 1000), ("no mask", 500)]
+
+
+def test_compare_mask_with_a_dit_stage(tmp_path):
+    """`harness bench --compare-mask` on a DiT stage (the tiny preset): the blocks see the visible patches alone
+    (no time token: adaLN conditions them), the matmul reference has the DiT's width and MLP, and the FLOPs fall
+    with the tokens kept."""
+    from conftest import TINY_RECIPE
+
+    recipe = tmp_path / "dit.gin"
+    recipe.write_text(TINY_RECIPE.replace("backbones/uvit_tiny.gin", "backbones/dit_tiny.gin"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["bench", str(recipe), "--stage", "pretrain", "--steps", "2", "--warmup", "1",
+                         "--sample-steps", "1", "--compare-mask", "--json"]) == 0
+    report = json.loads(out.getvalue())
+    masked, unmasked = report["rows"]
+    assert [(r["mask"], r["tokens_per_image"]) for r in report["rows"]] == [("block2", 16), ("none", 64)]
+    assert masked["matmul_shape"] == [8 * 16, 64, 256] and unmasked["matmul_shape"] == [8 * 64, 64, 256]
+    assert all(r["flops_per_step"] > 0 and r["images_per_second"] > 0 for r in report["rows"])
+    (comparison,) = report["comparisons"]
+    assert comparison["flops_ratio"] == pytest.approx(masked["flops_per_step"] / unmasked["flops_per_step"])
+    assert 0.6 * 16 / 64 < comparison["flops_ratio"] < 1.2 * 16 / 64

@@ -56,8 +56,10 @@ def print_plan(plan, results_dir: Path, jobs: dict) -> None:
     for sid, ps in plan.stages.items():
         s = ps.spec
         m = s.model
-        model = (f"{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
-                 + (f" +dec{m.decoder_depth}" if m.decoder_depth else "") + f", {m.num_params() / 1e6:.1f}M")
+        kind = "DiT " if type(m).__name__ == "DiTConfig" else ""  # (the U-ViT, the default, goes unnamed)
+        model = (f"{kind}{m.embed_dim}w {m.depth}L {m.num_heads}h p{m.patch_size} {m.img_size}px"
+                 + (f" +dec{m.decoder_depth}" if getattr(m, "decoder_depth", 0) else "")
+                 + f", {m.num_params() / 1e6:.1f}M")
         data = s.data.source if s.data.source != "folder" else f"folder {s.data.root}"
         job = jobs[sid]
         status = "pending" if not job.done else "done" if job.stage_dir == plan.stage_dir(results_dir, sid) \

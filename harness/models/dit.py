@@ -1,0 +1,212 @@
+"""DiT: the diffusion transformer of Peebles & Xie (2023), with token dropping.
+
+The image is cut into patches, embedded, given a fixed 2-D sin-cos position embedding and run through plain
+transformer blocks; the time step (and the class) is not a token but conditions every block by adaLN-Zero: a
+vector c = time embedding (+ class embedding) is mapped per block to shifts, scales and gates of the two
+LayerNorm'ed residual branches, the map initialised to zero so that every block starts as the identity (and the
+zero-initialised head makes the initial prediction zero). Layer and parameter names follow facebookresearch/DiT's
+models.py (x_embedder, t_embedder, y_embedder, blocks[i].adaLN_modulation, final_layer); attention and MLP are
+timm's layers, as there.
+
+Token dropping works as in MaskedUViT (harness/models/uvit.py), with the same forward contract: with a mask only
+the visible patches are embedded (their position embeddings gathered with them) and enter the blocks, and the
+output holds one prediction per visible patch, in ascending patch order. Attention mixes the visible patches
+only, so a visible patch's output differs from the one it has in the full image; it never depends on the pixels
+of dropped patches.
+
+Not included: learned sigma (the harness predicts eps, x0 or v with one output per pixel), classifier-free
+guidance and label dropout (training takes no labels), the VAE (this runs in pixel space).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, Mlp, PatchEmbed
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.models.uvit import timestep_embedding
+from harness.patches import gather_patches, patchify, unpatchify, visible_indices
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim], tokens row-major over the grid (as patchify).
+
+    DiT's (MAE's) layout: the first half of the channels encodes the patch's column, the second half its row; each
+    half is sin(pos * w_i) then cos(pos * w_i), with w_i = 10000^(-i / (dim/4)), i < dim/4.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    row, col = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                              indexing="ij")  # [g, g] each
+
+    def half(pos: torch.Tensor) -> torch.Tensor:  # [g, g] -> [g*g, dim/2]
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([half(col), half(row)], dim=1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] shifted and scaled per image by shift, scale [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t [B] -> [B, D]: the sinusoidal embedding (freq_dim wide), then Linear, SiLU, Linear."""
+
+    def __init__(self, dim: int, freq_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """y [B] -> [B, D]; row `num_classes` of the table is the null class (y=None)."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return self.embedding_table(y)
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block whose two branches are modulated (shift, scale) and gated by c, adaLN-Zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)  # fused SDPA (Stage.attention applies)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=functools.partial(nn.GELU, approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x [B, L, D], c [B, D] -> six [B, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm modulated by c, then one linear map per token to its patch's p*p*C values."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, L, p*p*C]
+
+
+class DiT(nn.Module):
+    """DiT that runs on the visible patches only when given a mask (MaskedUViT's contract).
+
+    forward(x [B,C,H,W], t [B], y=None, mask=None):
+      - mask None: the prediction for the whole image, [B, C, H, W];
+      - mask bool [B, N] (True = masked), or the LongTensor [B, N_visible] of visible indices that
+        `visible_indices(mask)` returns: predictions for the visible patches in ascending patch order,
+        [B, N_visible, p*p*C].
+    y: class labels [B] for a conditional model (num_classes > 0); None uses the null class.
+    """
+
+    def __init__(self, cfg) -> None:
+        # cfg: a harness.models.dit_config.DiTConfig (not imported: that module builds this one)
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_size, self.in_chans = cfg.patch_size, cfg.in_chans
+        self.x_embedder = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                     embed_dim=d)
+        self.t_embedder = TimestepEmbedder(d, cfg.TIME_FREQ_DIM)
+        if cfg.num_classes > 0:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        # fixed, so a buffer computed from the sizes: not trained, not saved, not counted
+        self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid), persistent=False)  # [N, D]
+        self.blocks = nn.ModuleList([DiTBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As DiT: Xavier-uniform linear weights and zero biases; the patch embedding as a linear map; N(0, 0.02)
+        # for the time MLP and the class table; zero for every adaLN modulation and the head (adaLN-Zero).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.cfg.num_classes > 0:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW should not decay (learned embeddings): the class table."""
+        return {"y_embedder.embedding_table.weight"}
+
+    def tokens_entering_blocks(self, mask: torch.Tensor | None = None) -> int:
+        """Tokens per image that the transformer blocks process: the visible patches (no extra tokens)."""
+        if mask is None:
+            return self.cfg.num_patches
+        if mask.dtype == torch.bool:
+            return self.cfg.num_patches - int(mask[0].sum())
+        return mask.shape[1]
+
+    def _embed_patches(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """[B, N or N_visible, D]: the (visible) patches embedded, plus their position embedding.
+
+        The patch embedding (a conv with stride = kernel) is applied as the linear map it is, to the visible
+        patches only, gathered as pixels: dropped patches cost nothing, forward or backward (as MaskedUViT).
+        """
+        proj = self.x_embedder.proj
+        pixels = patchify(x, self.patch_size)  # [B, N, p*p*C], each patch ordered (p1, p2, C)
+        pos = self.pos_embed  # [N, D]
+        if idx is not None:
+            pixels = gather_patches(pixels, idx)  # [B, N_visible, p*p*C]
+            pos = pos[idx]  # [B, N_visible, D]
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv [D, C, p, p] -> linear over (p1, p2, C)
+        return F.linear(pixels, weight, proj.bias) + pos
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, c, h, w = x.shape
+        if (c, h, w) != (self.in_chans, self.cfg.img_size, self.cfg.img_size):
+            raise HarnessError(
+                f"the model expects images of {self.in_chans}x{self.cfg.img_size}x{self.cfg.img_size} but got "
+                f"{c}x{h}x{w}; make DiTConfig.img_size / in_chans match the data's resolution and channels"
+            )
+        idx = None if mask is None else visible_indices(mask) if mask.dtype == torch.bool else mask
+        tokens = self._embed_patches(x, idx)  # [B, L, D]; the dropped patches are gone from here on
+        cond = self.t_embedder(t)  # [B, D]
+        if self.cfg.num_classes > 0:
+            cond = cond + self.y_embedder(y, batch, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, cond)  # [B, L, D]
+        out = self.final_layer(tokens, cond)  # [B, L, p*p*C]
+        if mask is not None:
+            return out
+        return unpatchify(out, self.patch_size, self.in_chans)  # [B, C, H, W]
