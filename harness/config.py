@@ -114,8 +114,21 @@ def load_recipe(recipe: str | Path, bindings: list[str] | None = None) -> str:
         source = str(path) if not bindings else f"{path} + --gin overrides"
         raise _explain_gin_error(err, source) from err
     text = gin.config_str()
+    check_required(text)
     check_overrides(bindings or [], text)
     return text
+
+
+def check_required(text: str) -> None:
+    """Refuse settings still at `%gin.REQUIRED` (an experiment layer's required macros, t5x style). gin checks
+    them only when a config is finalized, which the harness does not do (recipes may bind later), and a run would
+    otherwise get the bare sentinel object as the value."""
+    missing = re.findall(r"^([\w./]+) = %gin\.REQUIRED$", text, flags=re.M)
+    if missing:
+        example = missing[0]
+        raise HarnessError(f"the recipe must set {', '.join(missing)} (required by a file it includes): bind "
+                           f"{'them' if len(missing) > 1 else 'it'} after that include, or pass "
+                           f"--gin '{example} = <value>'")
 
 
 def described_fields(spec: Any) -> list[dataclasses.Field]:

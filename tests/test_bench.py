@@ -190,14 +190,14 @@ def test_patch_embedding_of_visible_patches_equals_the_conv_then_gather():
 def _textbook_step(trainer, initial, max_norm):
     """(loss, gradient norm, parameters) after one step from `initial` on the trainer's step-0 batch:
     clip_grad_norm_ (unless max_norm is None), then the unfused AdamW."""
-    from harness.train import _param_groups
+    from harness.update import param_groups
 
     model, spec = copy.deepcopy(initial), trainer.spec
     x0, t, noise, mask = trainer.draw(0)
     loss = trainer.diffusion.loss_at(model, x0, t, noise, mask=mask)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm)
-    torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, foreach=False).step()
+    torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, foreach=False).step()
     return loss.item(), norm.item(), list(model.parameters())
 
 
@@ -287,7 +287,8 @@ def test_gpu_peak_comes_from_the_data_sheet_by_device_name(name, matched, peak):
 
 def test_sampling_net_runs_the_ema_model_in_the_stage_precision(tiny_recipe, tmp_path):
     """Only the model's forward changes precision (bf16 here, as on a GPU by default); fp32 leaves it alone."""
-    from harness.train import InPrecision, TrainContext, Trainer
+    from harness.compute import InPrecision
+    from harness.train import TrainContext, Trainer
 
     spec = _stages(tiny_recipe)["finetune"].spec
     trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
@@ -340,7 +341,8 @@ def test_stage_attention_picks_the_kernel_for_training_and_sampling(tiny_recipe,
 def test_compiled_sampling_keeps_the_attention_kernel(tiny_recipe, tmp_path):
     """With compile on, both the step's and the sampler's compiled modules wrap the attention-kernel choice
     (built lazily: nothing compiles here)."""
-    from harness.train import TrainContext, Trainer, WithAttentionKernel
+    from harness.compute import WithAttentionKernel
+    from harness.train import TrainContext, Trainer
 
     spec = _stages(tiny_recipe, "Stage.compile = 'default'", "Stage.attention = 'math'")["finetune"].spec
     trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))

@@ -45,48 +45,31 @@ def _specs(plan, arm):
 
 
 # ---------------------------------------------------------------------------------------- required macros
-@pytest.mark.parametrize("macro", REQUIRED_MACROS)
-def test_a_recipe_without_a_required_macro_stops_naming_it(tmp_path, macro):
-    recipe = _write(tmp_path, re.sub(rf"^{macro} = .*\n", "", SMALL, flags=re.M))
+@pytest.mark.parametrize("macro", REQUIRED_MACROS + ("Experiment.name",))
+def test_a_recipe_without_a_required_setting_stops_naming_it(tmp_path, macro):
+    recipe = _write(tmp_path, re.sub(rf"^{re.escape(macro)} = .*\n", "", SMALL, flags=re.M))
     assert f"{macro} =" not in recipe.read_text()
-    with pytest.raises(HarnessError, match=rf"uses macro %{macro} but never defines it.*--gin '{macro} = <value>'"):
-        plan_from_gin(load_recipe(recipe))
+    with pytest.raises(HarnessError, match=rf"must set {re.escape(macro)} \(required.*--gin '{macro} = <value>'"):
+        load_recipe(recipe)
 
 
 def test_a_missing_required_macro_is_one_line_from_the_cli(tmp_path, capsys):
-    recipe = _write(tmp_path, SMALL.replace("PRETRAIN_STEPS = 30\n", ""))
+    recipe = _write(tmp_path, SMALL.replace("PRETRAIN_STEPS = 30\n", "").replace("FINETUNE_STEPS = 10\n", ""))
     assert cli_main(["run", str(recipe), "--dry-run", "--results-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "%PRETRAIN_STEPS" in err[0], err
-    # ... and the macro given on the command line is enough
+    assert len(err) == 1 and "must set FINETUNE_STEPS, PRETRAIN_STEPS" in err[0], err
+    # ... and the macros given on the command line are enough
     assert cli_main(["run", str(recipe), "--dry-run", "--results-dir", str(tmp_path / "r"),
-                     "--gin", "PRETRAIN_STEPS = 30"]) == 0
+                     "--gin", "PRETRAIN_STEPS = 30", "--gin", "FINETUNE_STEPS = 10"]) == 0
 
 
-def test_a_recipe_without_an_experiment_name_is_told_to_set_it(tmp_path):
-    recipe = _write(tmp_path, SMALL.replace("Experiment.name = 'small'\n", ""))
-    with pytest.raises(HarnessError, match="Experiment.name"):
-        plan_from_gin(load_recipe(recipe))
-
-
-def test_macros_may_be_set_before_the_include(tmp_path):
-    """The required macros are left undefined in the layer (not `%gin.REQUIRED`), so nothing there overwrites
-    a value set earlier: a recipe may set them before or after including it."""
+def test_a_macro_set_before_the_include_is_still_required(tmp_path):
+    """t5x's rule: the layer's `%gin.REQUIRED` comes later and wins, so a recipe binds after the include."""
     lines = SMALL.splitlines(keepends=True)
     before = _write(tmp_path, "".join(lines[:1] + lines[2:] + lines[1:2]), "before.gin")
     assert before.read_text().rstrip().endswith("include 'experiments/scratch_vs_two_stage.gin'")
-    assert set(plan_from_gin(load_recipe(before)).stages) == set(plan_from_gin(load_recipe(_write(tmp_path,
-                                                                                                  SMALL))).stages)
-
-
-def test_gin_REQUIRED_would_not_name_the_macro(tmp_path):
-    """Why the layer does not write `PRETRAIN_STEPS = %gin.REQUIRED`: gin 0.5.0 checks that only when the config
-    is finalized, which the harness does not do, and the run would stop naming no macro. If this starts to
-    name it, the layer can switch to %gin.REQUIRED."""
-    recipe = _write(tmp_path, SMALL.replace("PRETRAIN_STEPS = 30\n", "PRETRAIN_STEPS = %gin.REQUIRED\n"))
-    with pytest.raises(HarnessError) as err:
-        plan_from_gin(load_recipe(recipe))
-    assert "PRETRAIN_STEPS" not in str(err.value) and "is not a valid int" in str(err.value)
+    with pytest.raises(HarnessError, match="must set FINETUNE_STEPS, MASK, PRETRAIN_STEPS, SCRATCH_STEPS, Experiment.name "):
+        load_recipe(before)
 
 
 def test_the_header_lists_every_macro_the_layer_uses_as_required():
@@ -96,6 +79,8 @@ def test_the_header_lists_every_macro_the_layer_uses_as_required():
     bindings = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     assert required == set(REQUIRED_MACROS) == set(re.findall(r"%([A-Z][A-Z_]+)", bindings))
     assert "Experiment.name" in header.split("Required")[1]
+    declared = re.findall(r"^([\w.]+) = %gin\.REQUIRED$", bindings, flags=re.M)
+    assert sorted(declared) == sorted((*REQUIRED_MACROS, "Experiment.name"))
 
 
 # ---------------------------------------------------------------------------------------- the layer's shape

@@ -539,7 +539,7 @@ def test_nan_gradient_under_nan_policy_stop_is_never_checkpointed(reference, tmp
     plan = plan_from_gin(text)
     sid = plan.arms["scratch"][0]
     results = tmp_path / "results"
-    from harness.train import NonFiniteLoss
+    from harness.update import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match="weights became non-finite by step 4"):
         run_stage(text, sid, results)
@@ -561,11 +561,11 @@ def test_fp16_overflow_is_left_to_the_grad_scaler_not_stopped(reference, tmp_pat
     trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cpu")))
     trainer.train_step(0)
     weights = {n: t.clone() for n, t in trainer.model.state_dict().items()}
-    scale = trainer.scaler.get_scale()
+    scale = trainer.update.scaler.get_scale()
     loss, norm = trainer.train_step(1)
     assert math.isfinite(loss) and not math.isfinite(norm)
     assert all(torch.equal(trainer.model.state_dict()[n], t) for n, t in weights.items())
-    assert trainer.scaler.get_scale() == scale / 2
+    assert trainer.update.scaler.get_scale() == scale / 2
     loss, norm = trainer.train_step(2)
     assert math.isfinite(loss) and math.isfinite(norm)
     assert any(not torch.equal(trainer.model.state_dict()[n], t) for n, t in weights.items())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness.cli import main as cli_main
+from harness.compute import dtype_name
 from harness.config import RECIPES_DIR, load_recipe
 from harness.data import DataConfig
 from harness.diffusion import DiffusionConfig
@@ -19,7 +20,8 @@ from harness.experiment import Stage, plan_from_gin, stage_id
 from harness.masks import BlockMask
 from harness.models.config import UViTConfig
 from harness.sampling import SamplerConfig, image_seed, sample_batch
-from harness.train import TrainContext, Trainer, _dtype_name, _param_groups, ema_decay_at
+from harness.train import TrainContext, Trainer
+from harness.update import ema_decay_at, param_groups
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 PAPER_RECIPES = ("celebahq_mask90", "celebahq_mask50", "celeba64_mask_ablation", "vggface2_to_celebahq3k",
@@ -181,10 +183,10 @@ def test_ema_pytorch_rule_copies_the_weights_during_its_first_steps(tmp_path):
 # --------------------------------------------------------------------------------------------- weight decay
 def test_reference_weight_decay_puts_every_parameter_in_one_decayed_group(tmp_path):
     trainer = _trainer(tmp_path, weight_decay_exempt="none")
-    (group,) = trainer.optimizer.param_groups  # main.py: AdamW(diffusion_model.parameters(), weight_decay=wd)
+    (group,) = trainer.update.optimizer.param_groups  # main.py: AdamW(diffusion_model.parameters(), weight_decay=wd)
     assert group["weight_decay"] == 0.03
     assert {id(p) for p in group["params"]} == {id(p) for p in trainer.model.parameters()}
-    decayed, exempt = _param_groups(trainer.model, 0.03)  # the harness's own grouping
+    decayed, exempt = param_groups(trainer.model, 0.03)  # the harness's own grouping
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert exempt["weight_decay"] == 0.0 and {names[id(p)] for p in exempt["params"]} >= {"pos_embed"}
     assert all(p.ndim >= 2 for p in decayed["params"])
@@ -207,7 +209,7 @@ def test_fp32_sample_precision_samples_in_float32_under_a_bf16_stage(tmp_path):
     ev = dict(num_samples=4, kid_subset_size=2, sampler=sampler)
     fp32 = _trainer(tmp_path, precision="bf16", eval=EvalConfig(**ev, sample_precision="fp32"))
     assert fp32.precision_name == "bfloat16"  # training stays in the stage's autocast
-    assert _forward_dtype(fp32.sampling_net, fp32.ema) == torch.float32 and _dtype_name(fp32.sample_dtype) == "float32"
+    assert _forward_dtype(fp32.sampling_net, fp32.ema) == torch.float32 and dtype_name(fp32.sample_dtype) == "float32"
     stage = _trainer(tmp_path, precision="bf16", eval=EvalConfig(**ev))
     assert _forward_dtype(stage.sampling_net, stage.ema) == torch.bfloat16
     rows = []
@@ -233,7 +235,7 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_identically(tmp_path):
 
     settings = dict(precision="fp16", steps=6, checkpoint_every=3)
     straight = _trainer(tmp_path / "straight", **settings)
-    assert straight.scaler.is_enabled() and straight.precision_name == "float16"
+    assert straight.update.scaler.is_enabled() and straight.precision_name == "float16"
     before = [p.detach().clone() for p in straight.model.parameters()]
     assert straight.run() == "done"
     assert any(not torch.equal(a, b) for a, b in zip(before, straight.model.parameters()))
@@ -257,7 +259,7 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_identically(tmp_path):
 
 def test_auto_fp16_is_float32_on_a_cpu(tmp_path):
     trainer = _trainer(tmp_path, precision="auto_fp16")
-    assert trainer.precision_name == "float32" and not trainer.scaler.is_enabled()
+    assert trainer.precision_name == "float32" and not trainer.update.scaler.is_enabled()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (not yet run on a GPU)")
@@ -265,9 +267,9 @@ def test_auto_fp16_is_fp16_with_a_grad_scaler_on_a_gpu(tmp_path):
     spec = Stage(name="s", steps=3, batch_size=4, model=UViTConfig(**TINY), precision="auto_fp16",
                  data=DataConfig(source="shapes", num_images=16), num_sample_images=0)
     trainer = Trainer(TrainContext(spec=spec, stage_id="x", run_dir=tmp_path, device=torch.device("cuda")))
-    assert trainer.precision_name == "float16" and trainer.scaler.is_enabled()
+    assert trainer.precision_name == "float16" and trainer.update.scaler.is_enabled()
     losses = [trainer.train_step(step)[0] for step in range(3)]
-    assert all(math.isfinite(loss) for loss in losses) and trainer.scaler.get_scale() > 0
+    assert all(math.isfinite(loss) for loss in losses) and trainer.update.scaler.get_scale() > 0
 
 
 # ---------------------------------------------------------------------------------------------- split lists

@@ -47,7 +47,7 @@ def _ops(fn) -> set[str]:
 
 def test_bf16_step_on_the_gpu_trains_and_keeps_fp32_weights(tiny_recipe, tmp_path):
     trainer = _trainer(tiny_recipe, tmp_path)
-    assert trainer.precision_name == "bfloat16" and not trainer.scaler.is_enabled()
+    assert trainer.precision_name == "bfloat16" and not trainer.update.scaler.is_enabled()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     losses = [trainer.train_step(s)[0] for s in range(3)]
     assert all(0 < loss < 10 for loss in losses)
@@ -57,7 +57,7 @@ def test_bf16_step_on_the_gpu_trains_and_keeps_fp32_weights(tiny_recipe, tmp_pat
 
 def test_fp16_step_on_the_gpu_uses_the_grad_scaler(tiny_recipe, tmp_path):
     trainer = _trainer(tiny_recipe, tmp_path, "pretrain", "Stage.precision = 'fp16'")
-    assert trainer.scaler.is_enabled()
+    assert trainer.update.scaler.is_enabled()
     losses = [trainer.train_step(s)[0] for s in range(3)]
     assert all(0 < loss < 10 for loss in losses)
 
