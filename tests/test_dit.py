@@ -258,6 +258,9 @@ def test_stages_with_the_dit_train_masked_then_unmasked(dit_recipe, tmp_path):
 
     weights = load_checkpoint(newest_valid_checkpoint(plan.stage_dir(results, fine) / "checkpoints"))["model"]
     assert weights["final_layer.linear.weight"].any() and weights["blocks.0.adaLN_modulation.1.weight"].any()
+    # MaskDM's checkpoint layout holds U-ViTs only: exporting a DiT stage is refused in one line
+    assert cli_main(["convert", "export", str(plan.stage_dir(results, fine)), str(tmp_path / "out.pt")]) == 2
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_dry_run_shows_the_dit_and_its_parameters(dit_recipe, tmp_path, capsys):

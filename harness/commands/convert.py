@@ -106,6 +106,9 @@ def _export(args: argparse.Namespace) -> int:
     cfg, diffusion, origin = None, DiffusionConfig(), "assumed (no stage.json): cosine, 1000 steps, eps"
     if stage_json.is_file():
         stage = json.loads(stage_json.read_text())["stage"]
+        if stage["model"].get("type") != "UViTConfig":  # MaskDM's checkpoints hold U-ViTs only
+            raise HarnessError(f"{src} is a {stage['model'].get('type')} stage: only U-ViT stages can be exported "
+                               "to MaskDM's checkpoint layout")
         cfg, diffusion = UViTConfig(**plain(stage["model"])), DiffusionConfig(**plain(stage["diffusion"]))
         origin = f"from {stage_json}"
     elif isinstance(ckpt.get("config"), dict):  # a file written by `harness convert import`
