@@ -193,11 +193,3 @@ def write_report(results_dir: str | Path, metric: str = "fid", budgets: list[str
         if show:
             print_report(report, console, results_dir)
     return written
-
-
-def make_report(experiment_dir: str | Path, metric: str = "fid", show: bool = True) -> dict[str, Path]:
-    """What `harness run` calls at its end: report one experiment; returns the files written, by kind."""
-    experiment_dir = Path(experiment_dir)
-    [html_path] = write_report(experiment_dir, metric=metric, show=show)
-    return {"html": html_path, "markdown": experiment_dir / "report.md",
-            "records": experiment_dir / "records.csv", "figures": experiment_dir / "figures"}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,11 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--gin 'pretrain/Stage.steps = 100'")
     parser.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
     parser.add_argument("--launcher", default=None,
-                        help="inline (this process) | local (submitit subprocesses) | slurm; default: what the "
-                             "recipe binds (include 'launch/slurm.gin'), else inline")
+                        help="inline (this process) | local (submitit subprocesses) | slurm (one job per stage), "
+                             "set up by its profile gin/launch/NAME.gin (the cluster's settings for slurm) under the "
+                             "recipe's and --gin's bindings; default: what the recipe binds (include "
+                             "'launch/slurm.gin'), else inline")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan as a table (and what data is missing) and exit: nothing is trained or "
-                             "written")
+                        help="print the plan as a table (and what data is missing), and how the launcher would run "
+                             "each stage (with slurm: every job's sbatch options), then exit: nothing is trained, "
+                             "submitted or written")
     parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
                         help="run only these stages (by stage name, arm/name or id prefix); repeatable")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -73,6 +75,43 @@ def print_plan(plan, results_dir: Path, jobs: dict) -> None:
     console.print(table)
 
 
+def print_launch(launcher, jobs: list, results_dir: Path) -> None:
+    """How the launcher would run the stages still to run; for SLURM each job's sbatch options, rendered from the
+    parameters the submission uses (`harness.launch.slurm.job_parameters`)."""
+    todo = [job for job in jobs if not job.done]
+    if launcher.name == "inline":
+        print(f"launcher: inline: {len(todo)} stage(s) one after another in this process")
+        return
+    if launcher.name == "local":
+        print(f"launcher: local: {len(todo)} stage(s) as subprocesses of this one, {launcher.tasks_per_node} "
+              f"task(s) (DDP ranks) and {launcher.gpus_per_node} GPU(s) each, at most {launcher.max_parallel} at "
+              f"once, time limit {launcher.timeout_min} min")
+        return
+    from harness.launch.slurm import job_parameters, log_folder, preview_levels, sbatch_options
+
+    per_job = [(job, sbatch_options(job_parameters(launcher, job.name, dependency), log_folder(launcher,
+                                                                                               results_dir)))
+               for _depth, level, dependency in preview_levels(todo, arrays=False) for job in level]
+    ranks = launcher.nodes * launcher.ntasks
+    print(f"launcher: slurm: {len(per_job)} job(s), one per stage, each {launcher.nodes} node(s) x "
+          f"{launcher.ntasks} task(s) = {ranks} DDP rank(s); at most {launcher.max_requeues} requeues (SlurmLauncher "
+          "bindings over the cluster profile gin/launch/slurm.gin)")
+    if not per_job:
+        return
+    import textwrap
+
+    def wrapped(head: str, options: list[str]) -> str:
+        return textwrap.fill(" ".join(options), width=118, initial_indent=f"  {head}", subsequent_indent="      ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    common = [option for option in per_job[0][1] if all(option in options for _, options in per_job)]
+    print(wrapped("every job: sbatch ", [o for o in common if not o.startswith("setup: ")]))
+    for line in (o for o in common if o.startswith("setup: ")):
+        print(f"  {line}")
+    for job, options in per_job:
+        print(wrapped(f"{job.experiment}/{job.name} ({job.stage_id[:8]}): ", [o for o in options if o not in common]))
+
+
 def main(args: argparse.Namespace) -> int:
     from harness.config import load_recipe
     from harness.errors import HarnessError
@@ -91,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
     problems = plan.data_problems(results_dir, [sid for sid in stage_ids if not jobs[sid].done])
     if args.dry_run:
         print_plan(plan, results_dir, jobs)
+        print_launch(launcher, [jobs[sid] for sid in stage_ids], results_dir)
         for problem in problems:  # a plan can be previewed without the data; a run cannot start
             print(f"note: {problem}", file=sys.stderr)
         return 0
@@ -100,15 +140,10 @@ def main(args: argparse.Namespace) -> int:
     results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
     if args.no_wait:  # slurm only (launch_plan refuses it otherwise): submitted; `harness status` follows them
         return 0
-    if not args.no_report:
-        write_report(results_dir / plan.experiment)  # partial results too: failed arms are marked
+    if not args.no_report:  # partial results too: failed arms are marked
+        from harness.report import write_report
+
+        [html] = write_report(results_dir / plan.experiment)
+        print(f"report: {html} (report.md, records.csv and figures/ beside it)", file=sys.stderr)
     raise_for_failures(results)
     return 0
-
-
-def write_report(experiment_dir: Path) -> None:
-    from harness.report import make_report
-
-    paths = make_report(experiment_dir)
-    if paths:
-        print("report: " + json.dumps({k: str(v) for k, v in dict(paths).items()}), file=sys.stderr)
