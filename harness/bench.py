@@ -181,7 +181,7 @@ def bench_spec(spec: Stage, options: BenchOptions, notes: list[str]) -> Stage:
 def unmasked_twin(spec: Stage) -> Stage:
     from harness.masks import NoMask
 
-    return dataclasses.replace(spec, mask=NoMask())
+    return dataclasses.replace(spec, mask=NoMask(), mask_schedule=None)  # (a schedule needs a mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------

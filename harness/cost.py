@@ -7,6 +7,9 @@ units whatever it ran on. Two choices worth knowing:
   (forward + backward of `diffusion.training_loss`), then multiplied by the number of steps. Masking changes
   the number of tokens per step but not from step to step (every mask row drops the same number of patches),
   so one measurement holds for the whole stage. The optimizer update (elementwise) is not counted.
+  Under a mask-ratio schedule (`Stage.mask_schedule`) the count changes from step to step: the trainer measures
+  once per distinct visible count (FLOPs depend on shapes alone) and hands each step its own FLOPs, tokens and
+  actual ratio (`meter.step(batch, tokens_per_image=..., flops=..., mask_ratio=...)`), so the sums stay exact.
 - Device-hours are `train_seconds x device_count / 3600`. On GPUs `device_count` is the number of GPUs (the
   DDP world size); they are GPU-hours. On CPU it is processes x `torch.get_num_threads()`, the cores the
   step used; they are core-hours. Evaluation time is kept apart (`eval_seconds`, `eval_device_hours`): it is
@@ -183,6 +186,7 @@ class CostMeter:
         mask: str = "none",
         mask_ratio: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
+        mask_schedule: dict | None = None,
     ):
         self.device = device
         self._clock = clock  # injectable so tests can drive time
@@ -190,6 +194,13 @@ class CostMeter:
         self.tokens_per_image = int(tokens_per_image)
         self.mask = mask
         self.mask_ratio = float(mask_ratio)
+        # a mask-ratio schedule's description (RatioSchedule.describe); with one, cost.json reports the mean actual
+        # ratio and the mean FLOPs per step
+        self.mask_schedule = mask_schedule
+        self.mask_ratio_sum = 0.0  # the actual mask ratios of the steps counted, summed
+        # under a schedule: visible patches per image -> (tokens per image, FLOPs of one global step), measured by
+        # the trainer once per count and kept in checkpoints, so that a resumed stage does not measure them again
+        self.measured: dict[int, tuple[int, int]] = {}
         self.steps = 0
         self.images_seen = 0
         self.tokens_seen = 0
@@ -210,13 +221,18 @@ class CostMeter:
         return cls(describe_device(device, processes), **kwargs)
 
     # -- counting ---------------------------------------------------------------------------------------------
-    def step(self, batch_size: int, steps: int = 1, tokens_per_image: int | None = None) -> None:
-        """Count `steps` optimizer steps of `batch_size` images each (the global batch, over all devices)."""
+    def step(self, batch_size: int, steps: int = 1, tokens_per_image: int | None = None, flops: int | None = None,
+             mask_ratio: float | None = None) -> None:
+        """Count `steps` optimizer steps of `batch_size` images each (the global batch, over all devices).
+
+        `tokens_per_image`, `flops` (of one global step) and `mask_ratio` (the actual one) default to the stage's
+        fixed values; a mask-ratio schedule passes each step's own."""
         tokens = self.tokens_per_image if tokens_per_image is None else int(tokens_per_image)
         self.steps += steps
         self.images_seen += steps * batch_size
         self.tokens_seen += steps * batch_size * tokens
-        self.train_flops += steps * self.flops_per_step
+        self.train_flops += steps * (self.flops_per_step if flops is None else int(flops))
+        self.mask_ratio_sum += steps * (self.mask_ratio if mask_ratio is None else float(mask_ratio))
 
     @contextlib.contextmanager
     def training(self, sync: bool = True) -> Iterator["CostMeter"]:
@@ -290,10 +306,13 @@ class CostMeter:
         }
 
     def to_json(self) -> dict:
-        """The content of cost.json (keys of docs/internals.md, plus device_kind and device_hours_unit)."""
+        """The content of cost.json (keys of docs/internals.md, plus device_kind and device_hours_unit). Under a
+        mask-ratio schedule `flops_per_step` is the mean over the steps counted (rounded; `train_flops` is the exact
+        sum), `mask_ratio` the mean actual ratio, and `mask_schedule` describes the schedule."""
         self.update_peak_memory()
         seconds, device_seconds = self._train_seconds_now()
-        return {
+        scheduled = self.mask_schedule is not None and self.steps > 0
+        out = {
             "device": self.device.name,
             "device_kind": self.device.kind,
             "device_count": self.device.count,
@@ -305,14 +324,17 @@ class CostMeter:
             "steps": self.steps,
             "images_seen": self.images_seen,
             "tokens_seen": self.tokens_seen,
-            "flops_per_step": self.flops_per_step,
+            "flops_per_step": (self.train_flops + self.steps // 2) // self.steps if scheduled else self.flops_per_step,
             "train_flops": self.train_flops,
             "peak_memory_bytes": self.peak_memory_bytes,
             "images_per_second": self.images_seen / seconds if seconds > 0 else 0.0,
             "tokens_per_second": self.tokens_seen / seconds if seconds > 0 else 0.0,
             "mask": self.mask,
-            "mask_ratio": self.mask_ratio,
+            "mask_ratio": self.mask_ratio_sum / self.steps if scheduled else self.mask_ratio,
         }
+        if self.mask_schedule is not None:
+            out["mask_schedule"] = self.mask_schedule
+        return out
 
     def write(self, path: str | os.PathLike) -> None:
         """Write cost.json atomically (temp file + rename), so a reader never sees half a file."""
@@ -332,6 +354,8 @@ class CostMeter:
             "eval_seconds": self.eval_seconds,
             "eval_device_seconds": self.eval_device_seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "mask_ratio_sum": self.mask_ratio_sum,
+            "measured": [[visible, tokens, flops] for visible, (tokens, flops) in sorted(self.measured.items())],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,6 +365,10 @@ class CostMeter:
             setattr(self, key, int(state[key]))
         for key in ("train_seconds", "train_device_seconds", "eval_seconds", "eval_device_seconds"):
             setattr(self, key, float(state[key]))
+        # (checkpoints made before mask-ratio schedules lack these two)
+        self.mask_ratio_sum = float(state.get("mask_ratio_sum", 0.0))
+        self.measured = {int(visible): (int(tokens), int(flops))
+                         for visible, tokens, flops in state.get("measured", [])}
         if self._train_started is not None:
             self._train_started = self._clock()
 

@@ -90,6 +90,9 @@ class Stage:
     # which parameters AdamW does not decay: 'vectors_and_embeddings' (biases, norms, position and class
     # embeddings) | 'none' (every parameter decayed, as MaskDM)
     weight_decay_exempt: str = field(default="vectors_and_embeddings", metadata={"added_later": True})
+    # the mask ratio as a function of the step: a masks.RatioSchedule (None: the mask's own, fixed ratio); the mask
+    # then takes the ratio of step 0 (what the description and the plan show) and each step's in turn
+    mask_schedule: Any = field(default=None, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         # Imported when a stage is made, so that importing this module stays cheap. None of these modules imports
@@ -153,6 +156,17 @@ class Stage:
             raise HarnessError(f"stage '{self.name}': micro_batch_size {self.micro_batch_size} must divide "
                                f"batch_size {self.batch_size}")
         self.mask.validate(self.model.grid)
+        if self.mask_schedule is not None:
+            from harness.masks import RatioSchedule
+
+            if not isinstance(self.mask_schedule, RatioSchedule):
+                raise HarnessError(f"stage '{self.name}': mask_schedule = {self.mask_schedule!r} is not a "
+                                   "RatioSchedule; bind it to one, e.g. Stage.mask_schedule = @RatioSchedule()")
+            try:
+                self.mask_schedule.check(self.mask, self.model.grid, self.steps)
+            except HarnessError as err:
+                raise HarnessError(f"stage '{self.name}': {err}") from None
+            self.mask = self.mask_schedule.mask_at(self.mask, 0, self.steps)
         # Samplers meet the schedule only at the first sample grid or evaluation, maybe hours in: check now.
         if self.num_sample_images > 0 and self.sample_steps > self.diffusion.timesteps:
             raise HarnessError(f"stage '{self.name}': sample_steps = {self.sample_steps} is more than the "

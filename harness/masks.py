@@ -16,6 +16,11 @@ The strategies of the paper:
 Each is a gin-configurable dataclass "spec": its fields are its parameters (`dataclasses.asdict`), it is cheap to
 build and it draws masks with `sample`. Sampling is vectorised: choosing k of n items is an argsort of uniform
 noise per row, never a Python loop over patches.
+
+`RatioSchedule` makes the ratio of a `PatchMask` or `BlockMask` a function of the training step (`Stage.mask_schedule`:
+constant, linear or cosine from `start` to `end`, or step-wise), so that a curriculum from 90% down to 0 can be
+compared with the two-stage switch. Each step's mask is the stage's mask with that step's ratio (`mask_at`), rounded
+to whole patches or blocks as above; every row of one step still masks the same count.
 """
 from __future__ import annotations
 
@@ -222,3 +227,117 @@ def describe(mask: Mask, grid: int) -> dict:
         "num_masked": mask.num_masked(grid),
         "actual_ratio": mask.actual_ratio(grid),
     }
+
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+
+
+def _is_ratio(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RatioSchedule:
+    """The mask ratio as a function of the training step (`Stage.mask_schedule`); steps count from 0.
+
+    - 'constant': `start` at every step.
+    - 'linear', 'cosine': from `start` at step 0 to `end` at `end_step` (None: the stage's last step, steps - 1),
+      and `end` after it; 'cosine' follows half a cosine wave (slow, fast, slow).
+    - 'step': `start` before the first milestone, then `values[i]` from step `milestones[i]` on.
+
+    `end` and `end_step` belong to linear and cosine, `milestones` and `values` to step. The ratio of a step is
+    nominal: the mask rounds it down to whole patches or blocks (`mask_at(...).actual_ratio(grid)` is what a
+    step masks), and 0 masks nothing (every patch visible, through the masked code path).
+    """
+
+    start: float = 0.9
+    end: float = 0.0
+    kind: str = "linear"
+    end_step: int | None = None
+    milestones: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        from harness.config import check_field_types
+
+        check_field_types(self, "RatioSchedule")
+        if not isinstance(self.milestones, (list, tuple)) or not isinstance(self.values, (list, tuple)):
+            raise HarnessError("RatioSchedule.milestones and .values must be sequences, e.g. milestones = (1000, "
+                               f"2000), values = (0.5, 0.0); got {self.milestones!r} and {self.values!r}")
+        # one spelling per schedule: gin lists become tuples, integer ratios floats (so equal schedules hash alike)
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        object.__setattr__(self, "values", tuple(float(v) if _is_ratio(v) else v for v in self.values))
+        if self.kind not in SCHEDULE_KINDS:
+            raise HarnessError(f"RatioSchedule.kind = {self.kind!r}; use one of {SCHEDULE_KINDS}")
+        for key in ("start", "end"):
+            if not _is_ratio(getattr(self, key)):
+                raise HarnessError(f"RatioSchedule.{key} = {getattr(self, key)!r} must be a ratio in [0, 1) (the "
+                                   "fraction of patches to mask)")
+        if self.kind == "step":
+            ms, vs = self.milestones, self.values
+            if not ms or len(ms) != len(vs):
+                raise HarnessError(f"RatioSchedule(kind='step') needs as many values as milestones, at least one; "
+                                   f"got milestones = {ms} and values = {vs}")
+            if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms) or \
+                    any(a >= b for a, b in zip(ms, ms[1:])):
+                raise HarnessError(f"RatioSchedule.milestones = {ms} must be increasing steps of at least 1 "
+                                   "(step 0 has the ratio `start`)")
+            if not all(_is_ratio(v) for v in vs):
+                raise HarnessError(f"RatioSchedule.values = {vs} must be ratios in [0, 1)")
+        elif self.milestones or self.values:
+            raise HarnessError(f"RatioSchedule(kind={self.kind!r}) takes no milestones or values (kind='step' "
+                               "does)")
+        if self.end_step is not None and (self.kind not in ("linear", "cosine") or self.end_step < 1):
+            raise HarnessError(f"RatioSchedule.end_step = {self.end_step!r}: only a linear or cosine schedule "
+                               "has one, a step of at least 1 (None: the stage's last step)")
+
+    def last_step(self, stage_steps: int) -> int:
+        """The step at which a linear or cosine schedule reaches `end`."""
+        return self.end_step if self.end_step is not None else stage_steps - 1
+
+    def ratio_at(self, step: int, stage_steps: int) -> float:
+        """The nominal ratio of step `step` (0-based) of a stage of `stage_steps` steps."""
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "step":
+            ratio = self.start
+            for milestone, value in zip(self.milestones, self.values):
+                if step >= milestone:
+                    ratio = value
+            return ratio
+        last = self.last_step(stage_steps)
+        progress = 1.0 if last <= 0 else min(max(step / last, 0.0), 1.0)
+        weight = 1.0 - progress if self.kind == "linear" else (1.0 + math.cos(math.pi * progress)) / 2.0
+        ratio = self.start * weight + self.end * (1.0 - weight)  # exactly start at weight 1, end at weight 0
+        return min(max(ratio, min(self.start, self.end)), max(self.start, self.end))
+
+    def mask_at(self, mask: Mask, step: int, stage_steps: int) -> Mask:
+        """`mask` with the ratio of step `step`: what that step samples."""
+        return dataclasses.replace(mask, ratio=self.ratio_at(step, stage_steps))
+
+    def check(self, mask: Mask, grid: int, stage_steps: int) -> None:
+        """Raise HarnessError unless the schedule can set `mask`'s ratio at every step of the stage: the mask has a
+        ratio, every ratio it takes fits the grid (the extremes and each value are checked: a linear or cosine
+        ratio lies between its ends), and the schedule's steps lie within the stage."""
+        if "ratio" not in {f.name for f in dataclasses.fields(mask)}:
+            what = "no mask (NoMask)" if isinstance(mask, NoMask) else f"{type(mask).__name__}, which has no ratio"
+            raise HarnessError(f"a mask_schedule sets the ratio of the stage's mask, but the stage has {what}; "
+                               "bind Stage.mask = @BlockMask() or @PatchMask(), or drop the schedule")
+        ratios = {"constant": (self.start,), "step": (self.start, *self.values)}.get(self.kind, (self.start, self.end))
+        for ratio in ratios:
+            dataclasses.replace(mask, ratio=ratio).validate(grid)
+        if self.kind in ("linear", "cosine") and self.end_step is not None and self.end_step > stage_steps - 1:
+            raise HarnessError(f"RatioSchedule.end_step = {self.end_step} is past the stage's last step "
+                               f"({stage_steps - 1}): the ratio would never reach `end`; lower it or leave it None")
+        if self.kind == "step" and self.milestones[-1] > stage_steps - 1:
+            raise HarnessError(f"RatioSchedule.milestones = {self.milestones} go past the stage's last step "
+                               f"({stage_steps - 1}): a milestone there changes nothing; drop it")
+
+    def describe(self, stage_steps: int) -> dict:
+        """Plain data for cost.json: the parameters, `end_step` resolved for linear and cosine."""
+        out = dataclasses.asdict(self)
+        out.update(milestones=list(self.milestones), values=list(self.values))
+        if self.kind in ("linear", "cosine"):
+            out["end_step"] = self.last_step(stage_steps)
+        return out

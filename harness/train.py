@@ -262,8 +262,9 @@ class Trainer:
         self.dataset = spec.data.build()
         self.order = BatchOrder(len(self.dataset), spec.batch_size, spec.seed)
         self.grid = spec.model.grid
+        schedule = None if spec.mask_schedule is None else spec.mask_schedule.describe(spec.steps)
         self.cost = CostMeter.for_device(device, ctx.world_size, mask=spec.mask.name,
-                                         mask_ratio=spec.mask.actual_ratio(self.grid))
+                                         mask_ratio=spec.mask.actual_ratio(self.grid), mask_schedule=schedule)
         self.step = 0
 
     @property
@@ -271,15 +272,35 @@ class Trainer:
         """The stage's compute dtype as text: bfloat16 / float16 (autocast), or float32."""
         return _dtype_name(self.autocast_dtype)
 
-    def step_flops(self) -> int:
-        """FLOPs of one step of this rank's batch (forward + backward), measured on one image of step 0's batch and
-        scaled: FLOPs are exactly linear in the batch."""
-        x0, _, _, mask = self.draw(0)
+    def step_flops(self, step: int = 0) -> int:
+        """FLOPs of one step of this rank's batch (forward + backward), measured on one image of step `step`'s batch
+        and scaled: FLOPs are exactly linear in the batch."""
+        x0, _, _, mask = self.draw(step)
         flops_one = measure_step_flops(self.model, self.diffusion, x0[:1], None if mask is None else mask[:1])
         self.model.zero_grad(set_to_none=True)
         return flops_one * self.local_batch
 
+    def step_cost(self, step: int) -> dict[str, Any]:
+        """What `CostMeter.step` counts for step `step` besides its images: nothing more for a fixed mask (the
+        stage's one measurement holds); under a mask-ratio schedule that step's tokens per image, FLOPs of one global
+        step and actual mask ratio. FLOPs depend on shapes alone: they are measured once per distinct count of
+        visible patches, on the first step with it, and kept in the meter (`CostMeter.measured`, checkpointed)."""
+        if self.spec.mask_schedule is None:
+            return {}
+        mask = self.mask_at(step)
+        visible = mask.num_visible(self.grid)
+        if visible not in self.cost.measured:
+            self.cost.measured[visible] = (self.model.tokens_entering_blocks(self.draw(step)[3]),
+                                           self.step_flops(step) * self.ctx.world_size)
+        tokens, flops = self.cost.measured[visible]
+        return {"tokens_per_image": tokens, "flops": flops, "mask_ratio": mask.actual_ratio(self.grid)}
+
     # -- one step ---------------------------------------------------------------------------------------------
+    def mask_at(self, step: int):
+        """The mask spec step `step` samples from: the stage's mask, with its schedule's ratio of that step if any."""
+        schedule = self.spec.mask_schedule
+        return self.spec.mask if schedule is None else schedule.mask_at(self.spec.mask, step, self.spec.steps)
+
     def draw(self, step: int) -> tuple[torch.Tensor, ...]:
         """This rank's slice of step `step`'s global batch: images, time steps, noise, and the mask as the indices
         of each image's visible patches (LongTensor [B, N_visible]; None without a mask).
@@ -297,7 +318,7 @@ class Trainer:
         noise = torch.randn(shape, generator=gen, device=device)
         flip = torch.rand(b, generator=gen, device=device) < 0.5 if spec.data.hflip else None
         mask_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(_step_seed(spec.seed, step, 29))
-        mask = spec.mask.sample(b, self.grid, generator=mask_gen, device="cpu")
+        mask = self.mask_at(step).sample(b, self.grid, generator=mask_gen, device="cpu")
         lo, hi = self.ctx.rank * self.local_batch, (self.ctx.rank + 1) * self.local_batch
         x0 = self.dataset.get_batch(idx[lo:hi], device=device)
         if flip is not None:
@@ -437,14 +458,16 @@ class Trainer:
                 with self.cost.training(sync=False):  # the step syncs once itself (its loss); see training()
                     log_now = (self.step + 1) % spec.log_every == 0 or self.step + 1 == spec.steps
                     loss, grad_norm = self.train_step(self.step, grad_norm_wanted=log_now)
+                    self.cost.step(spec.batch_size, **self.step_cost(self.step))  # (measured before the loop)
                     self.step += 1
-                    self.cost.step(spec.batch_size)
                 if self.step % spec.log_every == 0 or self.step == spec.steps:
                     now = self.cost.train_seconds
                     ips = (self.step - last_step) * spec.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
                     row = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "images_per_second": ips,
                            "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+                    if spec.mask.name != "none":  # the actual ratio of the step just taken (Stage.mask_schedule)
+                        row["mask_ratio"] = self.mask_at(self.step - 1).actual_ratio(self.grid)
                     if ctx.is_main:
                         append_jsonl(ctx.run_dir / "metrics.jsonl", row)
                     progress.log(row)
@@ -465,9 +488,14 @@ class Trainer:
         return "done"
 
     def _measure_cost_per_step(self) -> None:
-        """FLOPs of one global training step (every rank's batch) and the tokens per image in the blocks."""
+        """FLOPs of one global training step (every rank's batch) and the tokens per image in the blocks; under a
+        mask-ratio schedule also those of each visible count the remaining steps will have and the meter does not
+        hold yet (`step_cost`), so that no measurement runs on the training clock."""
         self.cost.flops_per_step = self.step_flops() * self.ctx.world_size
         self.cost.tokens_per_image = self.model.tokens_entering_blocks(self.draw(0)[3])
+        if self.spec.mask_schedule is not None:
+            for step in range(self.step, self.spec.steps):
+                self.step_cost(step)
 
     def _evaluate(self) -> None:
         if self.evaluate is None or not self.ctx.is_main:
