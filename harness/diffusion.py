@@ -9,6 +9,13 @@ patchified the same way and the same visible indices are gathered, so masked pat
 enter the loss. Errors are averaged over the visible elements of each image, then over the batch; every image
 of a batch has the same number of visible patches, so that is one mean. With no mask it is the ordinary DDPM
 loss over the whole image.
+
+MaskDiT (Zheng et al. 2023, Anima-Lab/MaskDiT train_utils/loss.py): a model with its decoder
+(`DiTConfig.decoder_depth > 0`) predicts every patch under a mask. The denoising loss above is then taken on its
+visible rows, and `DiffusionConfig.mae_weight` times MaskDiT's reconstruction loss is added on its masked rows: the
+squared error between the model's output and the *noisy input* x_t, each patch of x_t normalised to zero mean and
+unit variance (MAE's norm_pix_loss), averaged over the patch's values, then over the masked patches of each image
+and over the batch. The reconstruction term is always a squared error (as MaskDiT), whatever `loss` says.
 """
 from __future__ import annotations
 
@@ -58,6 +65,10 @@ class DiffusionConfig:
     timesteps: int = 1000
     prediction: str = "eps"
     loss: str = "mse"
+    # MaskDiT's reconstruction loss on the masked patches, weighted (its mae_loss_coef: 0.1); 0 = none. Needs a
+    # model that predicts the masked patches (DiTConfig.decoder_depth > 0) and a masked stage (Stage checks both).
+    # (Added later: left out of stage descriptions at its default, so existing ids stay as they were.)
+    mae_weight: float = dataclasses.field(default=0.0, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
@@ -72,6 +83,25 @@ class DiffusionConfig:
         if self.schedule == "linear" and linear_beta_max(self.timesteps) >= 1:  # its betas grow as 1000/T
             raise HarnessError(f"DiffusionConfig.timesteps={self.timesteps} is too few for the linear schedule "
                                "(its betas reach 1 at 20 steps or fewer); use more steps or schedule='cosine'")
+        weight = self.mae_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise HarnessError(f"DiffusionConfig.mae_weight must be a number, 0 (off) or more, got {weight!r}")
+        object.__setattr__(self, "mae_weight", float(weight))  # `= 1` and `= 1.0` describe one stage
+
+    def check_backbone(self, model, masked: bool) -> None:
+        """Refuse a reconstruction weight that could not act: on a model that predicts only the visible patches
+        (`model` is the backbone's spec) or on a stage without a mask (`masked`)."""
+        if self.mae_weight <= 0:
+            return
+        if not getattr(model, "predicts_all_patches", False):
+            raise HarnessError(f"DiffusionConfig.mae_weight = {self.mae_weight} scores the model's predictions of "
+                               f"the masked patches, but {type(model).__name__} predicts the visible ones only; use "
+                               "MaskDiT's decoder (Stage.model = @DiTConfig() with DiTConfig.decoder_depth > 0) or "
+                               "set mae_weight = 0")
+        if not masked:
+            raise HarnessError(f"DiffusionConfig.mae_weight = {self.mae_weight} scores masked patches, but the "
+                               "stage has no mask; set it for the masked stage only (e.g. "
+                               "pretrain/DiffusionConfig.mae_weight = 0.1)")
 
     def build(self, device=None) -> "GaussianDiffusion":
         return GaussianDiffusion(self, device=device)
@@ -170,6 +200,20 @@ class GaussianDiffusion:
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss at given time steps and noise (what `training_loss` computes after drawing them)."""
+        return self.loss_terms_at(model, x0, t, noise, mask=mask, y=y)["loss"]
+
+    def loss_terms_at(
+        self,
+        model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss and its terms, scalars: `loss_denoise` (on the visible patches), with `mae_weight` > 0 and a
+        mask also `loss_mae` (MaskDiT's reconstruction, on the masked patches), and `loss` = loss_denoise +
+        mae_weight * loss_mae."""
         import torch
         import torch.nn.functional as F
 
@@ -177,6 +221,7 @@ class GaussianDiffusion:
 
         x_t = self.q_sample(x0, t, noise)
         target = self.target(x0, t, noise)
+        every_patch = None  # MaskDiT's decoder under a mask: the predictions of all N patches, [B, N, p*p*C]
         if mask is None:
             pred = model(x_t, t, y=y)
         else:
@@ -186,8 +231,13 @@ class GaussianDiffusion:
             # once per step, shared by the model's gather and the target's
             idx = visible_indices(mask) if mask.dtype == torch.bool else mask
             pred = model(x_t, t, y=y, mask=idx)
-            # the patch size follows from the prediction's width (works through DDP / compile wrappers)
+            # the patch size follows from the prediction's width, and whether the model predicted every patch
+            # (MaskDiT's decoder) or the visible ones from its rows: both work through DDP / compile wrappers
             p = math.isqrt(pred.shape[-1] // x0.shape[1])
+            num_patches = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+            if pred.ndim == 3 and pred.shape[1] == num_patches != idx.shape[1]:
+                every_patch = pred
+                pred = gather_patches(every_patch, idx)
             target = gather_patches(patchify(target, p), idx)
         if pred.shape != target.shape:
             raise HarnessError(
@@ -197,4 +247,32 @@ class GaussianDiffusion:
         # Every image has the same number of visible elements, so the mean over all of them equals the mean
         # over each image's visible elements followed by the mean over the batch.
         score = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        return score(pred.float(), target.float())
+        denoise = score(pred.float(), target.float())
+        terms = {"loss": denoise, "loss_denoise": denoise}
+        if self.cfg.mae_weight > 0 and mask is not None:
+            if every_patch is None and idx.shape[1] < num_patches:
+                raise HarnessError(f"DiffusionConfig.mae_weight = {self.cfg.mae_weight} needs the model's "
+                                   "predictions of the masked patches, and this model predicts the visible ones "
+                                   "only; use MaskDiT's decoder (DiTConfig.decoder_depth > 0)")
+            mae = self._reconstruction_loss(every_patch, patchify(x_t, p), idx)
+            terms.update(loss=denoise + self.cfg.mae_weight * mae, loss_mae=mae)
+        return terms
+
+    @staticmethod
+    def _reconstruction_loss(pred: torch.Tensor | None, noisy: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """MaskDiT's MAE loss (train_utils/loss.py `mae_loss`, norm_pix_loss): the predictions of all patches
+        [B, N, P] against the noisy input's patches [B, N, P], each normalised by its own mean and (unbiased)
+        variance; squared errors averaged per patch, then over the masked patches (those not in idx [B, N_v])."""
+        import torch
+
+        b, n, values = noisy.shape
+        if pred is None or idx.shape[1] == n:  # nothing masked (a mask-ratio schedule at 0): nothing to rebuild
+            return noisy.new_zeros((), dtype=torch.float32)
+        if values < 2:
+            raise HarnessError("MaskDiT's reconstruction loss normalises each patch by its variance, which needs "
+                               "at least 2 values per patch; use a patch size above 1")
+        noisy = noisy.float()
+        target = (noisy - noisy.mean(dim=-1, keepdim=True)) / (noisy.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        per_patch = (pred.float() - target).square().mean(dim=-1)  # [B, N]
+        masked = torch.ones_like(per_patch).scatter(1, idx, 0.0)  # 1 on the masked patches, without a device sync
+        return (per_patch * masked).sum() / (b * (n - idx.shape[1]))

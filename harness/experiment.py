@@ -167,6 +167,10 @@ class Stage:
             except HarnessError as err:
                 raise HarnessError(f"stage '{self.name}': {err}") from None
             self.mask = self.mask_schedule.mask_at(self.mask, 0, self.steps)
+        try:  # MaskDiT's reconstruction weight needs a decoder that predicts masked patches, and a mask
+            self.diffusion.check_backbone(self.model, masked=not isinstance(self.mask, NoMask))
+        except HarnessError as err:
+            raise HarnessError(f"stage '{self.name}': {err}") from None
         # Samplers meet the schedule only at the first sample grid or evaluation, maybe hours in: check now.
         if self.num_sample_images > 0 and self.sample_steps > self.diffusion.timesteps:
             raise HarnessError(f"stage '{self.name}': sample_steps = {self.sample_steps} is more than the "

@@ -14,6 +14,16 @@ output holds one prediction per visible patch, in ascending patch order. Attenti
 only, so a visible patch's output differs from the one it has in the full image; it never depends on the pixels
 of dropped patches.
 
+MaskDiT (Zheng et al. 2023, "Fast Training of Diffusion Models with Masked Transformers", Anima-Lab/MaskDiT
+models/maskdit.py) adds a decoder when `DiTConfig.decoder_depth > 0`: the blocks above become the encoder (over the
+visible patches only, as before); `decoder_layer` (a LayerNorm modulated by c, then a linear map to the decoder's
+width) takes their output, a learned `mask_token` fills every masked position, a fixed sin-cos
+`decoder_pos_embed` of the decoder's width is added to all N tokens, `decoder_blocks` (DiT blocks of the decoder's
+width, modulated by the same c) run over the full sequence, and the final layer predicts every patch. With a mask
+the output then holds all N patches in patch order, [B, N, p*p*C] (`predicts_all_patches`); the loss scores the
+visible rows as denoising and the masked rows as MaskDiT's reconstruction (harness/diffusion.py). Without a mask
+the decoder runs over the full sequence as well (no mask tokens), so both stages share one architecture.
+
 Not included: learned sigma (the harness predicts eps, x0 or v with one output per pixel), classifier-free
 guidance and label dropout (training takes no labels), the VAE (this runs in pixel space).
 """
@@ -81,35 +91,39 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block whose two branches are modulated (shift, scale) and gated by c, adaLN-Zero."""
+    """Pre-LN transformer block whose two branches are modulated (shift, scale) and gated by c, adaLN-Zero.
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+    c is `cond_dim` wide (default: dim); MaskDiT's decoder blocks are narrower than the c they are modulated by.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, cond_dim: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)  # fused SDPA (Stage.attention applies)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=functools.partial(nn.GELU, approximate="tanh"))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x [B, L, D], c [B, D] -> six [B, D]
+        # x [B, L, D], c [B, D_c] -> six [B, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm modulated by c, then one linear map per token to its patch's p*p*C values."""
+    """LayerNorm modulated by c (`cond_dim` wide, default dim), then one linear map per token to out_dim values:
+    the head (out_dim = p*p*C) and, as MaskDiT's `decoder_layer`, the map from the encoder's width to the decoder's."""
 
-    def __init__(self, dim: int, out_dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int, cond_dim: int | None = None) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, L, p*p*C]
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, L, out_dim]
 
 
 class DiT(nn.Module):
@@ -119,7 +133,8 @@ class DiT(nn.Module):
       - mask None: the prediction for the whole image, [B, C, H, W];
       - mask bool [B, N] (True = masked), or the LongTensor [B, N_visible] of visible indices that
         `visible_indices(mask)` returns: predictions for the visible patches in ascending patch order,
-        [B, N_visible, p*p*C].
+        [B, N_visible, p*p*C]; with MaskDiT's decoder (`predicts_all_patches`), for all N patches in patch order,
+        [B, N, p*p*C] (the masked rows made from mask tokens).
     y: class labels [B] for a conditional model (num_classes > 0); None uses the null class.
     """
 
@@ -137,7 +152,17 @@ class DiT(nn.Module):
         # fixed, so a buffer computed from the sizes: not trained, not saved, not counted
         self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid), persistent=False)  # [N, D]
         self.blocks = nn.ModuleList([DiTBlock(d, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self.predicts_all_patches = cfg.decoder_depth > 0
+        if cfg.decoder_depth:  # MaskDiT's decoder (names as models/maskdit.py)
+            dd = cfg.decoder_dim
+            self.decoder_layer = FinalLayer(d, dd)  # modulated LayerNorm, encoder width -> decoder width
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+            self.register_buffer("decoder_pos_embed", sincos_pos_embed(dd, cfg.grid), persistent=False)  # [N, dd]
+            self.decoder_blocks = nn.ModuleList([DiTBlock(dd, cfg.decoder_num_heads, int(dd * cfg.mlp_ratio),
+                                                          cond_dim=d) for _ in range(cfg.decoder_depth)])
+            self.final_layer = FinalLayer(dd, cfg.patch_dim, cond_dim=d)
+        else:
+            self.final_layer = FinalLayer(d, cfg.patch_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -154,17 +179,25 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.cfg.num_classes > 0:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                  self.final_layer.linear]
+        if self.predicts_all_patches:
+            # as MaskDiT: the mask token N(0, 0.02); zero adaLN maps in the decoder blocks and, like the final
+            # layer, a zero decoder_layer (its adaLN map and its linear map)
+            nn.init.normal_(self.mask_token, std=0.02)
+            zeroed += [b.adaLN_modulation[-1] for b in self.decoder_blocks] + [
+                self.decoder_layer.adaLN_modulation[-1], self.decoder_layer.linear]
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that AdamW should not decay (learned embeddings): the class table."""
-        return {"y_embedder.embedding_table.weight"}
+        """Parameters that AdamW should not decay (learned embeddings): the class table, MaskDiT's mask token."""
+        return {"y_embedder.embedding_table.weight"} | ({"mask_token"} if self.predicts_all_patches else set())
 
     def tokens_entering_blocks(self, mask: torch.Tensor | None = None) -> int:
-        """Tokens per image that the transformer blocks process: the visible patches (no extra tokens)."""
+        """Tokens per image that the (encoder) blocks process: the visible patches (no extra tokens). MaskDiT's
+        decoder runs over all N patches whatever the mask; its cost is in the measured FLOPs."""
         if mask is None:
             return self.cfg.num_patches
         if mask.dtype == torch.bool:
@@ -206,7 +239,30 @@ class DiT(nn.Module):
             cond = cond + self.y_embedder(y, batch, x.device)
         for block in self.blocks:
             tokens = block(tokens, cond)  # [B, L, D]
-        out = self.final_layer(tokens, cond)  # [B, L, p*p*C]
+        if self.predicts_all_patches:
+            tokens = self._decode(tokens, cond, idx)  # [B, N, decoder width]
+        out = self.final_layer(tokens, cond)  # [B, L (N with a decoder), p*p*C]
         if mask is not None:
             return out
         return unpatchify(out, self.patch_size, self.in_chans)  # [B, C, H, W]
+
+    def _decode(self, tokens: torch.Tensor, cond: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """MaskDiT's decoder: the encoder's tokens [B, L, D] -> all N patches [B, N, dd].
+
+        The visible tokens are mapped to the decoder's width and put back at their positions, the mask token at
+        every other one; the decoder's position embedding is added to all N, then the decoder blocks run.
+        """
+        x = self.decoder_layer(tokens, cond)  # [B, L, dd]
+        if idx is not None:
+            batch, _, dd = x.shape
+            full = self.mask_token.to(x.dtype).expand(batch, self.cfg.num_patches, dd)
+            x = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, dd), x)  # out of place: mask token elsewhere
+        elif torch.is_grad_enabled() and self.mask_token.requires_grad:
+            # Unmasked, the mask token takes no part; a zero term keeps it in the graph, so that DDP (which
+            # expects a gradient for every parameter) accepts unmasked steps. MaskDiT adds 0 * sum(mask_token) to
+            # its loss for the same reason (train_utils/loss.py).
+            x = x + 0.0 * self.mask_token.sum()
+        x = x + self.decoder_pos_embed  # (as the encoder's: the residual stream in the buffer's float32)
+        for block in self.decoder_blocks:
+            x = block(x, cond)
+        return x

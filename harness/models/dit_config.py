@@ -9,6 +9,13 @@ L 1024/24/16, XL 1152/28/16, each with patch 2, 4 or 8 (`gin/backbones/dit_{s,b,
 binds img_size and patch_size). Differences from that code: pixel space (any `in_chans`), one output per pixel (no
 learned sigma: the harness predicts eps, x0 or v), and the fixed sin-cos position embedding is a buffer, not a
 frozen parameter, so it is neither saved nor counted.
+
+`decoder_depth > 0` adds MaskDiT's decoder (Zheng et al. 2023, Anima-Lab/MaskDiT models/maskdit.py): the blocks
+above are the encoder, over the visible patches only; a conditioned linear map to the decoder's width, learned
+mask tokens at the masked positions and a second fixed sin-cos position embedding make the full sequence, which
+`decoder_depth` more DiT blocks (conditioned on the same time embedding) and the final layer turn into one
+prediction per patch, masked or not. Without a mask the decoder runs over the full sequence too, so the masked
+and the unmasked stage have one architecture and load each other's weights strictly.
 """
 from __future__ import annotations
 
@@ -39,6 +46,12 @@ class DiTConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     num_classes: int = 0
+    # MaskDiT's decoder (0 = none: the DiT above, unchanged). Its width and heads: 0 = the encoder's (MaskDiT's
+    # DiT-XL/2 uses 512 and 16 against the encoder's 1152 and 16); its MLP ratio is the encoder's, as there.
+    # (Added after the first release: left out of stage descriptions at their defaults, so ids stay as they were.)
+    decoder_depth: int = dataclasses.field(default=0, metadata={"added_later": True})
+    decoder_embed_dim: int = dataclasses.field(default=0, metadata={"added_later": True})
+    decoder_heads: int = dataclasses.field(default=0, metadata={"added_later": True})
 
     TIME_FREQ_DIM: ClassVar[int] = 256  # the sinusoidal time-step embedding's width, before its MLP (as DiT)
 
@@ -56,6 +69,17 @@ class DiTConfig:
             raise HarnessError(f"DiTConfig.mlp_ratio={self.mlp_ratio} leaves the MLP without units")
         if self.num_classes < 0:
             raise HarnessError(f"DiTConfig.num_classes must be 0 (unconditional) or more, got {self.num_classes}")
+        for key in ("decoder_depth", "decoder_embed_dim", "decoder_heads"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise HarnessError(f"DiTConfig.{key} must be an integer, 0 or more, got {getattr(self, key)!r}")
+        if self.decoder_depth:
+            dd, heads = self.decoder_dim, self.decoder_num_heads
+            if dd % 4:
+                raise HarnessError(f"DiTConfig.decoder_embed_dim={dd} must be a multiple of 4 (the decoder's 2-D "
+                                   "sin-cos position embedding)")
+            if dd % heads:
+                raise HarnessError(f"DiTConfig.decoder_heads={heads} must divide the decoder's width {dd} "
+                                   "(decoder_embed_dim; 0 = embed_dim)")
 
     @property
     def grid(self) -> int:
@@ -78,16 +102,38 @@ class DiTConfig:
     def patch_dim(self) -> int:
         return self.patch_size**2 * self.in_chans
 
+    @property
+    def decoder_dim(self) -> int:
+        """The decoder's width: decoder_embed_dim, or the encoder's (embed_dim) when that is 0."""
+        return self.decoder_embed_dim or self.embed_dim
+
+    @property
+    def decoder_num_heads(self) -> int:
+        """The decoder's heads: decoder_heads, or the encoder's (num_heads) when that is 0."""
+        return self.decoder_heads or self.num_heads
+
+    @property
+    def predicts_all_patches(self) -> bool:
+        """With a mask, does the model predict every patch (MaskDiT's decoder) or the visible ones only?"""
+        return self.decoder_depth > 0
+
     def num_params(self) -> int:
         """Parameter count, computed from the sizes alone (equals the built module's count)."""
-        d, h, out = self.embed_dim, self.mlp_hidden, self.patch_dim
-        # adaLN modulation d -> 6d, qkv (with bias), proj, MLP; the LayerNorms have no affine parameters
-        block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+        d, out = self.embed_dim, self.patch_dim
+
+        def block(w: int) -> int:  # w wide, conditioned on c (d wide): adaLN c -> 6w, qkv (with bias), proj, MLP
+            h = int(w * self.mlp_ratio)  # (the LayerNorms have no affine parameters)
+            return (d * 6 * w + 6 * w) + (w * 3 * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
+
         patch_embed = out * d + d
         time = (self.TIME_FREQ_DIM * d + d) + (d * d + d)
         classes = (self.num_classes + 1) * d if self.num_classes > 0 else 0
-        final = (d * 2 * d + 2 * d) + (d * out + out)  # adaLN modulation d -> 2d, linear head
-        return self.depth * block + patch_embed + time + classes + final
+        w = self.decoder_dim if self.decoder_depth else d  # the final layer's width
+        final = (d * 2 * w + 2 * w) + (w * out + out)  # adaLN modulation c -> 2w, linear head
+        decoder = 0
+        if self.decoder_depth:  # decoder_layer (adaLN c -> 2d, linear d -> w), mask token, decoder blocks
+            decoder = (d * 2 * d + 2 * d) + (d * w + w) + w + self.decoder_depth * block(w)
+        return self.depth * block(d) + patch_embed + time + classes + decoder + final
 
     def build(self) -> DiT:
         from harness.models.dit import DiT  # imported here: the network needs torch, the spec does not
