@@ -14,6 +14,10 @@ functions (the numbers equal `calculate_metrics`), so the features stay availabl
 kept as <stage>/eval_features/step_XXXXXXX.npy, and `harness.noise` bootstraps FID/KID from them. Each
 evaluation also carries the noise floor (`noise_floor`: real vs real at its counts, cached beside the
 reference features). docs/statistics.md.
+
+A data-parallel stage evaluates on every rank (`evaluate_stage(..., rank=, world_size=)`): each rank samples its
+share of the batches and extracts their features, rank 0 gathers them, scores and alone writes (`_Ranks`: how
+the ranks stay in step, and fail together). docs/usage/evaluation.md, "Evaluation on every rank".
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import gin
 from harness.errors import HarnessError
@@ -179,14 +183,15 @@ def folder_content_id(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_pngs(images: torch.Tensor, folder: Path, start: int = 0) -> None:
+def write_pngs(images: torch.Tensor, folder: Path, start: int = 0, digits: int = 6) -> None:
     """Write images in [-1, 1] as 8-bit PNGs named by their index (what a sampler's output becomes for FID)."""
     import torch
     from PIL import Image
 
     pixels = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     for offset, img in enumerate(pixels.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(folder / f"{start + offset:06d}.png")
+        image = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+        image.save(folder / f"{start + offset:0{digits}d}.png")
 
 
 # ------------------------------------------------------------------------------------------ reference features
@@ -415,19 +420,40 @@ def _features_of(featuresdict) -> Any:
     return featuresdict[FEATURE_LAYER].detach().cpu().numpy().astype("float32", copy=False)
 
 
-def score_features(samples: str | os.PathLike, reference: Reference | str | os.PathLike, metrics=("fid",), *,
+def extract_features(folder: str | os.PathLike, *, weights: str | os.PathLike | None = None, batch_size: int = 64,
+                     device=None, verbose: bool = False) -> Any:
+    """The Inception pool3 features of the images at the top level of `folder` (never cached), numpy float32
+    [n, 2048] in file-name order: what `score_features` extracts from a folder of samples."""
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
+    options = _options(batch_size, device, weights_path(weights), verbose, input1=str(folder))
+    with _fidelity_errors(), _cuda_context(device):
+        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        return _features_of(extract_featuresdict_from_input_id_cached(1, extractor, **options))
+
+
+def score_features(samples: Any, reference: Reference | str | os.PathLike, metrics=("fid",), *,
                    weights: str | os.PathLike | None = None, kid_subset_size: int = 1000, batch_size: int = 64,
                    device=None, verbose: bool = False) -> Scored:
-    """Extract folder `samples`' Inception features (never cached) and score them against `reference` (a cached
-    Reference, or a folder whose features are extracted uncached) with torch-fidelity's metric functions;
-    returns the scores and both feature matrices (for the bootstrap and eval_features/)."""
+    """Score `samples` against `reference` (a cached Reference, or a folder whose features are extracted uncached)
+    with torch-fidelity's metric functions; returns the scores and both feature matrices (for the bootstrap and
+    eval_features/). `samples` is a folder, whose Inception features are extracted (never cached), or the
+    samples' features already extracted (numpy float32 [n, 2048], e.g. gathered from several ranks)."""
+    import numpy as np
+    import torch
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
     metrics = check_metrics(metrics)
     weights = weights_path(weights)
+    given = None
+    if isinstance(samples, np.ndarray):
+        given = np.ascontiguousarray(samples, dtype=np.float32)
+        if given.ndim != 2 or given.shape[1] != int(FEATURE_LAYER):
+            raise HarnessError(f"sample features must be [n, {FEATURE_LAYER}], got shape {list(given.shape)}")
+    n_samples = len(given) if given is not None else len(fidelity_inputs(samples))
     if isinstance(reference, Reference):
         check_reference_weights(reference, weights)
-        check_sample_counts(metrics, len(fidelity_inputs(samples)), reference.num_images, kid_subset_size)
+        check_sample_counts(metrics, n_samples, reference.num_images, kid_subset_size)
         if cached_reference(reference.name) is None:
             raise HarnessError(f"reference features {reference.name} vanished from {fidelity_cache_root()}; "
                                "rerun to recompute them (`harness fid-stats`).")
@@ -437,12 +463,17 @@ def score_features(samples: str | os.PathLike, reference: Reference | str | os.P
     else:
         inputs = dict(input2=str(reference))
         cache_name = None
-    options = _options(batch_size, device, weights, verbose, input1=str(samples), kid_subset_size=kid_subset_size,
+    if given is None:
+        inputs["input1"] = str(samples)
+    options = _options(batch_size, device, weights, verbose, kid_subset_size=kid_subset_size,
                        **inputs, **{m: m in metrics for m in METRICS})
     with _fidelity_errors(), _cuda_context(device):
         extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
         # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
-        generated = extract_featuresdict_from_input_id_cached(1, extractor, **options)
+        if given is None:
+            generated = extract_featuresdict_from_input_id_cached(1, extractor, **options)
+        else:
+            generated = {FEATURE_LAYER: torch.from_numpy(given)}
         if cache_name is None:
             referenced = extract_featuresdict_from_input_id_cached(2, extractor, **{**options, "cache": False})
         else:
@@ -636,69 +667,256 @@ def _samples_folder(run_dir: Path, step: int, keep: bool) -> Iterator[Path]:
     partial.rename(final)
 
 
-def _sample_to_folder(model, diffusion, data_cfg, cfg: EvalConfig, device, folder: Path) -> None:
-    """Sample cfg.num_samples images batch by batch (10k images at 256 px would not fit in memory at once)."""
+def _png_digits(n: int) -> int:
+    """Digits of the PNG names of n samples: sorted by name (torch-fidelity's order) is sorted by index."""
+    return max(6, len(str(max(n - 1, 0))))
+
+
+def _sample_to_folder(model, diffusion, data_cfg, cfg: EvalConfig, device, folder: Path, rank: int = 0,
+                      world_size: int = 1) -> None:
+    """Sample this rank's share of cfg.num_samples images (`rank_batches`: all of them on one process) batch by
+    batch (10k images at 256 px would not fit in memory at once), as PNGs named by their index."""
     from rich.progress import Progress
 
-    from harness.sampling import sample_batches
+    from harness.sampling import rank_batches, sample_batches
 
     shape = (3, data_cfg.resolution, data_cfg.resolution)
-    done = 0
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"sampling ({cfg.sampler.name})", total=cfg.num_samples)
-        for batch in sample_batches(model, diffusion, cfg.sampler, cfg.num_samples, shape, seed=cfg.seed,
-                                    batch_size=cfg.batch_size, device=device):
-            write_pngs(batch, folder, start=done)
+    batches = rank_batches(cfg.num_samples, cfg.batch_size, rank, world_size)
+    digits, done = _png_digits(cfg.num_samples), 0
+    with Progress(transient=True, disable=rank != 0) as progress:
+        task = progress.add_task(f"sampling ({cfg.sampler.name})", total=sum(len(b) for b in batches))
+        for k, batch in enumerate(sample_batches(model, diffusion, cfg.sampler, cfg.num_samples, shape,
+                                                 seed=cfg.seed, batch_size=cfg.batch_size, device=device,
+                                                 rank=rank, world_size=world_size)):
+            write_pngs(batch, folder, start=batches[k].start, digits=digits)
             done += len(batch)
             progress.update(task, completed=done)
 
 
+class _Ranks:
+    """The processes that evaluate together: one, or every rank of an initialised process group. Each samples its
+    share and extracts its features; rank 0 alone scores and writes.
+
+    Lock-step: every rank calls every collective below the same number of times, whatever failed where. Up to
+    the features, a failure is told at the next agreement point (`run`, `agree`) and every rank raises there
+    (the failing rank its own error, the others a HarnessError naming it); after that a failure is remembered
+    and told at the evaluation's last agreement, once the gathers are done. So no rank is left waiting in a
+    collective for one that has gone (until the process group's timeout), except for what no agreement
+    catches: a rank killed, or an interrupt (KeyboardInterrupt and other BaseExceptions are not caught).
+    Objects travel pickled between the ranks of one job (torch's object collectives); with NCCL through the
+    rank's CUDA device, made current while they run.
+    """
+
+    def __init__(self, rank: int, world_size: int, device, step: int) -> None:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()) or (
+                    dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+                raise HarnessError(f"evaluating as rank {rank} of {world_size} needs the initialised process group "
+                                   "of those ranks (torch.distributed)")
+        elif rank != 0 or world_size != 1:
+            raise HarnessError(f"rank {rank} is not one of {world_size} ranks")
+        self.rank, self.world_size, self.device, self.step = rank, world_size, device, int(step)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _collective(self) -> contextlib.AbstractContextManager:
+        import torch.distributed as dist
+
+        return _cuda_context(self.device) if dist.get_backend() == "nccl" else contextlib.nullcontext()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, on every rank, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        with self._collective():
+            dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0, in rank order (None on the other ranks)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        with self._collective():
+            dist.gather_object(obj, out, dst=0)
+        return out
+
+    def agree(self, error: BaseException | None, what: str, payload: Any = None) -> list[Any]:
+        """Raise on every rank if `what` failed on any rank; else every rank's `payload`, in rank order."""
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return [payload]
+        told = self.all_gather((None if error is None else f"{type(error).__name__}: {error}", payload))
+        if error is not None:
+            raise error
+        for rank, (text, _) in enumerate(told):
+            if text is not None:
+                raise HarnessError(f"the evaluation at step {self.step} failed on rank {rank} while {what}: {text}")
+        return [item for _, item in told]
+
+    def run(self, fn: Callable[[], Any], what: str, main_only: bool = False) -> Any:
+        """fn() on every rank (on rank 0 alone with `main_only`), then `agree` on its success; fn's result."""
+        result, error = None, None
+        if self.is_main or not main_only:
+            try:
+                result = fn()
+            except Exception as err:  # noqa: BLE001 (told to every rank, then raised)
+                error = err
+        self.agree(error, what)
+        return result
+
+
+def _share_features(folder: Path, share: int, weights, common: dict[str, Any]) -> Any:
+    """The Inception features of this rank's `share` PNGs in `folder`, in index order ([0, 2048] for none)."""
+    import numpy as np
+
+    if share == 0:  # fewer batches than ranks: nothing sampled here (torch-fidelity refuses an empty folder)
+        return np.zeros((0, int(FEATURE_LAYER)), dtype=np.float32)
+    features = extract_features(folder, weights=weights, **common)
+    if len(features) != share:
+        raise HarnessError(f"{len(features)} sample features for the {share} samples of {folder}")
+    return features
+
+
+def _rank_indices(cfg: EvalConfig, rank: int, world_size: int) -> Any:
+    import numpy as np
+
+    from harness.sampling import rank_batches
+
+    ranges = rank_batches(cfg.num_samples, cfg.batch_size, rank, world_size)
+    return np.concatenate([np.arange(r.start, r.stop) for r in ranges] or [np.zeros(0, dtype=np.int64)])
+
+
+def _assemble(parts: list[Any], cfg: EvalConfig) -> Any:
+    """The ranks' feature shares put back in sample-index order: [num_samples, 2048], as one process has them."""
+    import numpy as np
+
+    generated = np.empty((cfg.num_samples, int(FEATURE_LAYER)), dtype=np.float32)
+    for rank, part in enumerate(parts):
+        generated[_rank_indices(cfg, rank, len(parts))] = part
+    return generated
+
+
+def _collect_samples(ranks: _Ranks, folder: Path, cfg: EvalConfig) -> BaseException | None:
+    """With keep_samples on several ranks: the other ranks' PNG files, byte for byte, into rank 0's folder, one
+    batch per rank and round (so rank 0 holds W batches of files at a time). Every rank takes part in every round
+    whatever fails; the first failure is returned, to be told at the evaluation's last agreement."""
+    from harness.sampling import rank_batches
+
+    mine = rank_batches(cfg.num_samples, cfg.batch_size, ranks.rank, ranks.world_size)
+    rounds = len(rank_batches(cfg.num_samples, cfg.batch_size, 0, ranks.world_size))  # rank 0 has the most
+    digits, error = _png_digits(cfg.num_samples), None
+    for k in range(rounds):
+        files = None
+        if not ranks.is_main and error is None and k < len(mine):
+            try:
+                files = [(name, (folder / name).read_bytes()) for name in
+                         (f"{i:0{digits}d}.png" for i in mine[k])]
+            except OSError as err:
+                error = err
+        parts = ranks.gather(files)
+        if ranks.is_main and error is None:
+            try:
+                for part in parts[1:]:
+                    for name, data in part or ():
+                        (folder / name).write_bytes(data)
+            except OSError as err:
+                error = err
+    return error
+
+
 def evaluate_stage(model, diffusion, data_cfg, eval_cfg: EvalConfig, step: int, run_dir: str | os.PathLike,
-                   device, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   device, extra: dict[str, Any] | None = None, *, rank: int = 0,
+                   world_size: int = 1) -> dict[str, Any]:
     """Sample with `model` (pass the EMA weights), score against the dataset's reference, append to eval.jsonl.
 
     The row is appended only after sampling and scoring both succeeded; `extra` (the trainer's cost snapshot:
     images_seen, tokens_seen, train_flops, train_seconds, device_hours) is merged into it. Returns the row.
+
+    On several ranks (`world_size` > 1, in an initialised process group), every rank calls this at the same
+    step with the same model: each samples its share of the batches (`harness.sampling.rank_batches`: the same
+    images, seeds and batches as one process) into a folder of its own and extracts their Inception features;
+    rank 0 gathers the features (and, with `keep_samples`, the PNG files), scores, and alone writes files (the
+    other ranks' folders are temporary). Every rank returns the row. A failure on any rank raises on every rank
+    (`_Ranks`); sample_seconds and score_seconds are wall times, the slowest rank's.
     """
+    from harness.sampling import rank_batches
+
     run_dir = Path(run_dir)
+    ranks = _Ranks(rank, world_size, device, step)
     check_sample_counts(eval_cfg.metrics, eval_cfg.num_samples, None, eval_cfg.kid_subset_size)
-    weights = weights_path(eval_cfg.weights_path)
-    common = dict(batch_size=eval_cfg.feature_batch_size, device=device, verbose=True)
-    reference = dataset_reference(data_cfg, weights, limit=eval_cfg.reference_images, **common)
-    check_sample_counts(eval_cfg.metrics, eval_cfg.num_samples, reference.num_images, eval_cfg.kid_subset_size)
+    common = dict(batch_size=eval_cfg.feature_batch_size, device=device, verbose=ranks.is_main)
 
-    with _samples_folder(run_dir, step, eval_cfg.keep_samples) as folder:
-        start = time.perf_counter()
-        _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, folder)
-        sample_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        scored = score_features(folder, reference, eval_cfg.metrics, weights=weights,
-                                kid_subset_size=eval_cfg.kid_subset_size, **common)
-        scores = scored.scores
-        # Statistics from the features just computed: no second Inception pass over the samples.
-        from harness.noise import bootstrap_scores
+    def prepare() -> tuple[Path, Reference]:  # rank 0; the reference's features are extracted once, then cached
+        weights = weights_path(eval_cfg.weights_path)
+        reference = dataset_reference(data_cfg, weights, limit=eval_cfg.reference_images, **common)
+        check_sample_counts(eval_cfg.metrics, eval_cfg.num_samples, reference.num_images, eval_cfg.kid_subset_size)
+        return weights, reference
 
-        spread = bootstrap_scores(scored.generated, scored.reference, scores, eval_cfg.bootstrap, eval_cfg.seed,
-                                  device=_device(device))
-        floor = (noise_floor(data_cfg, reference, eval_cfg.metrics, eval_cfg.num_samples,
-                             eval_cfg.kid_subset_size, weights=weights, **common) if eval_cfg.noise_floor else {})
-        write_features(features_path(run_dir, step), scored.generated)
-        score_seconds = time.perf_counter() - start  # scoring, bootstrap and (the first time) the floor
+    weights, reference = ranks.run(prepare, "preparing the reference", main_only=True) or (None, None)
+    # the other ranks resolve the weights themselves (the converted file is cached, or converted, on their node)
+    weights = weights if weights is not None else eval_cfg.weights_path
+    share = sum(len(r) for r in rank_batches(eval_cfg.num_samples, eval_cfg.batch_size, rank, world_size))
+    failure: BaseException | None = None
+    scoring, row = False, None
+    try:
+        with _samples_folder(run_dir, step, eval_cfg.keep_samples and ranks.is_main) as folder:
+            start = time.perf_counter()
+            ranks.run(lambda: _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, folder, rank,
+                                                world_size), "sampling")
+            sample_seconds = time.perf_counter() - start  # the agreement waited for the slowest rank
+            start = time.perf_counter()
+            own = ranks.run(lambda: _share_features(folder, share, weights, common), "extracting features")
+            scoring = True  # from here on every rank goes through every collective, and fails at the end
+            parts = ranks.gather(own)
+            if eval_cfg.keep_samples and ranks.world_size > 1:
+                failure = _collect_samples(ranks, folder, eval_cfg)
+            if failure is not None:
+                raise failure
+            if ranks.is_main:
+                scored = score_features(_assemble(parts, eval_cfg), reference, eval_cfg.metrics, weights=weights,
+                                        kid_subset_size=eval_cfg.kid_subset_size, **common)
+                scores = scored.scores
+                # Statistics from the features just computed: no second Inception pass over the samples.
+                from harness.noise import bootstrap_scores
 
-    row: dict[str, Any] = {
-        "step": int(step),
-        "n_samples": eval_cfg.num_samples,
-        "sampler": eval_cfg.sampler.kind,
-        "sampler_steps": eval_cfg.sampler.steps,
-        "eta": eval_cfg.sampler.eta,
-        "reference": reference.name,
-        "n_reference": reference.num_images,
-        "sample_seconds": sample_seconds,
-        "score_seconds": score_seconds,
-        **{key: float(value) for key, value in scores.items()},
-        **spread,
-        **floor,
-    }
-    row.update(extra or {})
-    append_jsonl(run_dir / EVAL_FILE, row)
-    return row
+                spread = bootstrap_scores(scored.generated, scored.reference, scores, eval_cfg.bootstrap,
+                                          eval_cfg.seed, device=_device(device))
+                floor = (noise_floor(data_cfg, reference, eval_cfg.metrics, eval_cfg.num_samples,
+                                     eval_cfg.kid_subset_size, weights=weights, **common)
+                         if eval_cfg.noise_floor else {})
+                write_features(features_path(run_dir, step), scored.generated)
+                # features (every rank), gathering, scoring, bootstrap and (the first time) the floor
+                score_seconds = time.perf_counter() - start
+        if ranks.is_main:
+            row = {
+                "step": int(step),
+                "n_samples": eval_cfg.num_samples,
+                "sampler": eval_cfg.sampler.kind,
+                "sampler_steps": eval_cfg.sampler.steps,
+                "eta": eval_cfg.sampler.eta,
+                "reference": reference.name,
+                "n_reference": reference.num_images,
+                "sample_seconds": sample_seconds,
+                "score_seconds": score_seconds,
+                **{key: float(value) for key, value in scores.items()},
+                **spread,
+                **floor,
+            }
+            row.update(extra or {})
+            append_jsonl(run_dir / EVAL_FILE, row)
+    except Exception as err:
+        if not scoring or ranks.world_size == 1:
+            raise
+        failure = err  # told to every rank below: the others are on their way to that agreement
+    return ranks.agree(failure, "gathering, scoring or writing", payload=row)[0]

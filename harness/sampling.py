@@ -141,6 +141,21 @@ def sample_batch(
         return x.clamp(-1, 1)
 
 
+def rank_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The image index ranges (batches) that rank `rank` of `world_size` samples of n images.
+
+    One process samples the batches [0, b), [b, 2b), ...; with several ranks, rank r takes batches r, r + W,
+    r + 2W, ... of that same list. Every image keeps its index, hence its seed, and every batch its members, so
+    the ranks together make the very images one process makes (on like devices, bit for bit: the batched matmuls
+    round alike); a rank may get one batch more than another, or none when there are fewer batches than ranks.
+    """
+    if n < 0 or batch_size < 1:
+        raise HarnessError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise HarnessError(f"rank {rank} is not one of {world_size} ranks")
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)][rank::world_size]
+
+
 def sample_batches(
     model,
     diffusion,
@@ -151,17 +166,20 @@ def sample_batches(
     batch_size: int = 64,
     device="cpu",
     y: torch.Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield the n images in batches (on `device`), for callers that write them out instead of keeping them."""
-    if n < 0 or batch_size < 1:
-        raise HarnessError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    """Yield the n images in batches (on `device`), for callers that write them out instead of keeping them.
+
+    With `world_size` > 1, only this rank's share: the batches `rank_batches(n, batch_size, rank, world_size)`.
+    """
+    batches = rank_batches(n, batch_size, rank, world_size)
     if y is not None and len(y) != n:
         raise HarnessError(f"got {len(y)} class labels for {n} images; give one label per image")
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
+        for idx in batches:
             labels = None if y is None else y[idx.start : idx.stop]
             yield sample_batch(model, diffusion, sampler, idx, shape, seed, device, y=labels)
     finally:

@@ -186,8 +186,11 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
         if spec.eval is not None:
             from harness.evaluate import evaluate_stage
 
+            # every rank samples its share; rank 0 gathers the features, scores, writes (usage/evaluation.md)
+            ranks = dict(rank=rank, world_size=world_size) if world_size > 1 else {}
+
             def evaluate(ema, diffusion, step: int, cost: dict) -> None:
-                evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost)
+                evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost, **ranks)
 
         ctx = TrainContext(spec=spec, stage_id=stage_id, run_dir=run_dir, device=device, init_weights=init_weights,
                            init_source=init_source, stop_event=stop_event, rank=rank, world_size=world_size)

@@ -498,7 +498,10 @@ class Trainer:
                 self.step_cost(step)
 
     def _evaluate(self) -> None:
-        if self.evaluate is None or not self.ctx.is_main:
+        """Every rank evaluates (each samples its share of the images; rank 0 scores and writes), so every rank must
+        call this at the same steps. The cost meter times it as evaluation: wall time, and device-hours for all
+        ranks' devices (as when rank 0 evaluated alone and the others waited)."""
+        if self.evaluate is None:
             return
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
         extra = {**self.cost.snapshot(), "sample_precision": _dtype_name(self.sample_dtype)}
