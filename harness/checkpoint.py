@@ -131,7 +131,8 @@ def load_weights_strictly(model: torch.nn.Module, weights: dict[str, torch.Tenso
                 shown = ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5})" if len(keys) > 5 else "")
                 parts.append(f"{label}: {shown}")
         raise HarnessError(f"the weights from {source} do not fit this stage's model ({'; '.join(parts)}); the "
-                           "parent must have the same backbone and sizes (UViTConfig / DiTConfig) as the stage that loads it")
+                           "parent must have the same backbone and sizes (UViTConfig / DiTConfig) as the stage "
+                           "that loads it")
     model.load_state_dict(weights, strict=True)
     numel = sum(t.numel() for t in weights.values())
     return f"loaded {len(weights)} tensors ({numel:,} values) from {source}"

@@ -13,13 +13,20 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gin
 from harness.errors import HarnessError
+from harness.run_folder import DONE_MARKER, PLAN_FILE
 
-DONE_MARKER = "DONE"
-FAILED_MARKER = "FAILED"
+if TYPE_CHECKING:  # the component specs; imported for real inside Stage.__post_init__ (planning stays cheap)
+    from harness.data import DataConfig
+    from harness.diffusion import DiffusionConfig
+    from harness.evaluate import EvalConfig
+    from harness.masks import Mask
+    from harness.models.config import UViTConfig
+    from harness.models.dit_config import DiTConfig
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@=+,-]*$")
 
 
@@ -39,6 +46,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.c
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 EMA_WARMUP_RULES = ("ratio", "ema_pytorch")  # see Stage.ema_warmup_rule
 WEIGHT_DECAY_EXEMPT = ("vectors_and_embeddings", "none")  # see Stage.weight_decay_exempt
+LR_SCHEDULES = ("constant", "cosine", "linear")  # see Stage.lr_schedule (update.lr_at)
 
 
 @gin.configurable
@@ -62,11 +70,11 @@ class Stage:
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.999  # what nearly every MaskDM config uses (its LSUN church config: 0.9999)
     ema_warmup: bool = True  # ramp the decay up to ema_decay by `ema_warmup_rule`; False: ema_decay from step 0
-    mask: Any = None  # a mask spec from harness.masks; None = NoMask()
-    model: Any = None  # harness.models.config.UViTConfig
-    data: Any = None  # harness.data.DataConfig
-    diffusion: Any = None  # harness.diffusion.DiffusionConfig
-    eval: Any = None  # harness.evaluate.EvalConfig, or None for no FID
+    mask: Mask | None = None  # None = NoMask()
+    model: UViTConfig | DiTConfig | None = None  # the backbone; None = UViTConfig()
+    data: DataConfig | None = None  # None = DataConfig()
+    diffusion: DiffusionConfig | None = None  # None = DiffusionConfig()
+    eval: EvalConfig | None = None  # None: no FID
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | auto_fp16 (fp16 on GPU) | fp32 | bf16 | fp16
     compile: str = "off"  # torch.compile mode for training and sampling: off | default | reduce-overhead (CUDA
@@ -90,9 +98,13 @@ class Stage:
     # which parameters AdamW does not decay: 'vectors_and_embeddings' (biases, norms, position and class
     # embeddings) | 'none' (every parameter decayed, as MaskDM)
     weight_decay_exempt: str = field(default="vectors_and_embeddings", metadata={"added_later": True})
+    # the learning rate after the warm-up: 'constant' (MaskDM) | 'cosine' | 'linear' decay to 0 at the last step
+    lr_schedule: str = field(default="constant", metadata={"added_later": True})
     # the mask ratio as a function of the step: a masks.RatioSchedule (None: the mask's own, fixed ratio); the mask
     # then takes the ratio of step 0 (what the description and the plan show) and each step's in turn
     mask_schedule: Any = field(default=None, metadata={"added_later": True})
+    # TensorBoard event files in the stage folder (harness/tensorboard_events.py); a run option, not in the id
+    tensorboard: bool = field(default=False, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         # Imported when a stage is made, so that importing this module stays cheap. None of these modules imports
@@ -124,7 +136,8 @@ class Stage:
                                    f"e.g. Stage.{key} = @{'BlockMask' if kinds[0] is Mask else kinds[0].__name__}()")
         for key, allowed in (("precision", PRECISIONS), ("init_from", ("raw", "ema")), ("compile", COMPILE_MODES),
                              ("attention", ATTENTION_BACKENDS), ("nan_policy", ("stop", "skip")),
-                             ("ema_warmup_rule", EMA_WARMUP_RULES), ("weight_decay_exempt", WEIGHT_DECAY_EXEMPT)):
+                             ("ema_warmup_rule", EMA_WARMUP_RULES), ("weight_decay_exempt", WEIGHT_DECAY_EXEMPT),
+                             ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, key) not in allowed:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r}; use one of {allowed}")
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -291,14 +304,14 @@ class Plan:
     def write(self, results_dir: str | Path) -> Path:
         from harness.fileio import atomic_write_text
 
-        path = Path(results_dir) / self.experiment / "plan.json"
+        path = Path(results_dir) / self.experiment / PLAN_FILE
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
         return path
 
 
 # Stage fields that change how a stage runs, not what it trains: left out of its id, so that switching them on
 # for a half-done stage resumes it (stage.json still records them).
-RUN_OPTIONS = ("compile", "attention")
+RUN_OPTIONS = ("compile", "attention", "tensorboard")
 
 
 def stage_id(description: dict[str, Any], parent: str | None) -> str:

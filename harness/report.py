@@ -30,7 +30,8 @@ from harness.report_reach import ReachRow, fmt_ratio, reach_rows, reach_table
 from harness.report_render import print_report, write_files
 from harness.report_stats import FOOTER
 from harness.report_tables import final_table, matched_table, summary_table
-from harness.results import find_experiments, write_records, write_table
+from harness.results import write_records, write_table
+from harness.run_folder import find_experiments
 
 PLOTTED = ("hours", "flops", "images")
 LEAD_BUDGETS = ("hours", "flops", "images", "steps")  # the lead figure's and summary's cost: the first with data

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.results import collect, load_plan
+from harness.results import collect
+from harness.run_folder import load_plan
 
 # budget name -> (records column, label)
 BUDGETS = {"steps": ("total_steps", "total steps"), "images": ("images_seen", "images seen"),

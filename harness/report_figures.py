@@ -24,6 +24,7 @@ import pandas as pd
 from harness.cost_to_reach import Curve, first_reach
 from harness.report_data import BUDGETS, Data, evals_of
 from harness.report_stats import FLOOR_FACTOR, LOWER_IS_BETTER, run_std, t_value, z_value
+from harness.run_folder import SAMPLES_DIR
 
 _STEP_PNG = re.compile(r"^step_(\d+)\.png$")
 
@@ -204,7 +205,7 @@ def cost_curves(data: Data, metric: str, budget: str, lead: bool = False) -> byt
 
 def latest_grid(stage_dir) -> tuple[int, object] | None:
     """(step, path) of the newest samples/step_*.png of a run folder, or None."""
-    found = [(int(m.group(1)), p) for p in (stage_dir / "samples").glob("step_*.png")
+    found = [(int(m.group(1)), p) for p in (stage_dir / SAMPLES_DIR).glob("step_*.png")
              if (m := _STEP_PNG.match(p.name))]
     return max(found, key=lambda f: f[0]) if found else None
 

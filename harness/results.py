@@ -36,8 +36,8 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.fileio import atomic_write_bytes, read_jsonl
+from harness.run_folder import COST_FILE, EVAL_FILE, METRICS_FILE, PLAN_FILE, load_plan, stage_status
 
-PLAN_FILE = "plan.json"
 RECORDS_PARQUET, RECORDS_CSV = "records.parquet", "records.csv"
 
 # cost keys: stage-local in eval.jsonl / cost.json, cumulative along the arm in the table
@@ -78,44 +78,8 @@ def status_after_parent(status: str, parent_status: str | None) -> str:
     return "blocked" if status == "pending" and parent_status in ("failed", "blocked") else status
 
 
-def stage_status(stage_dir: Path) -> str:
-    """done (DONE file) | failed (FAILED file) | running (metrics.jsonl, still incomplete) | pending.
-    (`collect` turns a pending stage whose parent failed into `blocked`: `status_after_parent`.)"""
-    if (stage_dir / "DONE").is_file():
-        return "done"
-    if (stage_dir / "FAILED").is_file():
-        return "failed"
-    if (stage_dir / "metrics.jsonl").is_file():
-        return "running"
-    return "pending"
-
-
-def load_plan(experiment_dir: Path) -> dict[str, Any]:
-    path = Path(experiment_dir) / PLAN_FILE
-    if not path.is_file():
-        raise HarnessError(f"{experiment_dir} has no {PLAN_FILE}: give the folder of one experiment "
-                           f"(results/<experiment>) or a folder that contains experiments")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HarnessError(f"{path} is not valid JSON ({err}); rerun `harness run` to rewrite the plan") from err
-
-
-def find_experiments(path: str | Path) -> list[Path]:
-    """The experiment folders (holding plan.json) at `path` or anywhere below it, sorted."""
-    path = Path(path)
-    if not path.is_dir():
-        raise HarnessError(f"results folder {path} does not exist; pass results/<experiment> or a sweep folder")
-    if (path / PLAN_FILE).is_file():
-        return [path]
-    found = sorted(p.parent for p in path.rglob(PLAN_FILE))
-    if not found:
-        raise HarnessError(f"no experiment under {path} (no {PLAN_FILE} found); run `harness run RECIPE` first")
-    return found
-
-
 def read_cost(stage_dir: Path) -> dict[str, Any] | None:
-    path = stage_dir / "cost.json"
+    path = stage_dir / COST_FILE
     if not path.is_file():
         return None
     try:
@@ -194,12 +158,12 @@ def _stage_rows(experiment_dir: Path, plan: dict, arm: str, sid: str, offset: di
         "status": status, "seed": info.get("seed"), "mask": info.get("mask"), "mask_ratio": info.get("mask_ratio"),
     }
     measured: list[tuple[int, str, float, dict, dict]] = []
-    evals = {int(row["step"]): row for row in _last_per_step(read_jsonl(stage_dir / "eval.jsonl"))}
+    evals = {int(row["step"]): row for row in _last_per_step(read_jsonl(stage_dir / EVAL_FILE))}
     for step, row in evals.items():
         local = _stage_cost_at(step, row, info, cost)
         measured += [(step, metric, value, local, _uncertainty_of(metric, row))
                      for metric, value in sorted(_metrics_of(row).items())]
-    logged = _last_per_step(read_jsonl(stage_dir / "metrics.jsonl"))
+    logged = _last_per_step(read_jsonl(stage_dir / METRICS_FILE))
     if logged and _is_number(logged[-1].get("loss")):
         step = int(logged[-1]["step"])
         local = _stage_cost_at(step, evals.get(step, {}), info, cost)

@@ -19,11 +19,21 @@ import torch
 from harness.checkpoint import checkpoint_path, is_valid, load_checkpoint, newest_valid_checkpoint
 from harness.config import operative_config
 from harness.errors import HarnessError
-from harness.experiment import DONE_MARKER, FAILED_MARKER, Plan, PlannedStage, plan_from_gin
+from harness.experiment import Plan, PlannedStage, plan_from_gin
 from harness.fileio import atomic_write_text, exclusive_lock
+from harness.run_folder import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    COST_FILE,
+    DATA_MANIFEST_FILE,
+    DONE_MARKER,
+    FAILED_MARKER,
+    LOCK_FILE,
+    RECIPE_FILE,
+    STAGE_FILE,
+)
 
 log = logging.getLogger(__name__)
-LOCK_FILE = ".lock"  # held (flock) by the process training the stage
 
 
 def pick_device(rank: int = 0) -> torch.device:
@@ -70,7 +80,7 @@ def start_checkpoint(plan: Plan, planned: PlannedStage, results_dir: Path) -> Pa
             raise HarnessError(f"stage '{spec.name}' needs its parent {parent_dir} to be finished first "
                                "(run the whole recipe, or its parent stage)")
         # the parent's *final* weights: an older checkpoint would silently shorten the arm's pretraining
-        path = checkpoint_path(parent_dir / "checkpoints", plan.stages[planned.parent].spec.steps)
+        path = checkpoint_path(parent_dir / CHECKPOINTS_DIR, plan.stages[planned.parent].spec.steps)
         if not is_valid(path):
             raise HarnessError(f"the parent stage {parent_dir} is marked done but its final checkpoint {path.name} "
                                "is missing or corrupt; delete its DONE file to train the rest of it again")
@@ -94,9 +104,9 @@ def initial_weights(spec: Any, path: Path | None) -> tuple[dict | None, str]:
 def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_text: str) -> None:
     info = {"id": planned.id, "parent": planned.parent, "arms": planned.arms, "experiment": plan.experiment,
             "stage": planned.spec.describe()}
-    atomic_write_text(run_dir / "stage.json", json.dumps(info, indent=2) + "\n")
-    atomic_write_text(run_dir / "recipe.gin", gin_text)  # what the launcher shipped: re-runnable as is
-    atomic_write_text(run_dir / "config.gin", operative_config())  # rewritten at the end, when complete
+    atomic_write_text(run_dir / STAGE_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(run_dir / RECIPE_FILE, gin_text)  # what the launcher shipped: re-runnable as is
+    atomic_write_text(run_dir / CONFIG_FILE, operative_config())  # rewritten at the end, when complete
 
 
 def _from_rank0(value: Any) -> Any:
@@ -135,7 +145,7 @@ def _data_change(data: Any, manifest_path: Path) -> str | None:
 
 def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event: Any = None) -> dict[str, Any]:
     """Train (or resume) one stage of the plan in `gin_text`; returns {"status": done|preempted|skipped, ...}."""
-    from harness.train import TrainContext, Trainer, is_distributed
+    from harness.train import TrainContext, Trainer, rank_and_world_size
 
     results_dir = Path(results_dir)
     plan = plan_from_gin(gin_text)
@@ -145,7 +155,7 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     spec = planned.spec
     run_dir = plan.stage_dir(results_dir, stage_id)
     summary = {"stage_id": stage_id, "name": spec.name, "dir": str(run_dir)}
-    rank, world_size = is_distributed()
+    rank, world_size = rank_and_world_size()
     if _from_rank0((run_dir / DONE_MARKER).is_file()):
         return {**summary, "status": "skipped"}
 
@@ -154,7 +164,7 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     spec.data.check()
     # A new stage is refused (missing parent or file) before its folder is made; one with checkpoints of its own
     # may resume without them, which is decided under the lock.
-    start = None if (run_dir / "checkpoints").is_dir() else start_checkpoint(plan, planned, results_dir)
+    start = None if (run_dir / CHECKPOINTS_DIR).is_dir() else start_checkpoint(plan, planned, results_dir)
     # One writer per run folder: a second run of the same stage (two `harness run`s, overlapping sweeps) waits
     # here and then finds it done, instead of training beside the first and logging every row twice. What the
     # folder holds is read under the lock, by rank 0, for every rank.
@@ -163,8 +173,8 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     with lock:
         if _from_rank0((run_dir / DONE_MARKER).is_file()):
             return {**summary, "status": "skipped"}
-        resuming = _from_rank0(is_main and newest_valid_checkpoint(run_dir / "checkpoints") is not None)
-        manifest = run_dir / "data_manifest.json"
+        resuming = _from_rank0(is_main and newest_valid_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
+        manifest = run_dir / DATA_MANIFEST_FILE
         problem = _from_rank0(_data_change(spec.data, manifest) if is_main and resuming else None)
         if problem:
             raise HarnessError(problem)  # before anything in the folder is rewritten
@@ -203,8 +213,8 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
                 atomic_write_text(run_dir / FAILED_MARKER, f"{type(err).__name__}: {detail}\n")
             raise
         if is_main:
-            trainer.cost.write(run_dir / "cost.json")
+            trainer.cost.write(run_dir / COST_FILE)
             if status == "done":
-                atomic_write_text(run_dir / "config.gin", operative_config())
+                atomic_write_text(run_dir / CONFIG_FILE, operative_config())
                 atomic_write_text(run_dir / DONE_MARKER, f"step {trainer.step}\n")
         return {**summary, "status": status, "step": trainer.step, "cost": trainer.cost.to_json()}

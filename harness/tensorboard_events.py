@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.run_folder import EVENTS_DIR
 
-EVENTS_DIR = "tensorboard"
 # metrics.jsonl keys that are not measurements
 _NOT_SCALARS = {"step", "time"}
 # eval.jsonl keys that measure the model (metrics, their spread and interval, the noise floor); the rest describe

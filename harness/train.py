@@ -23,12 +23,23 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from harness.checkpoint import load_checkpoint, load_weights_strictly, newest_valid_checkpoint, save_checkpoint
+from harness.compute import (
+    InPrecision,
+    WithAttentionKernel,
+    autocast_dtype,
+    autocast_to,
+    check_attention_kernel,
+    dtype_name,
+)
 from harness.cost import CostMeter, measure_step_flops
 from harness.datasets import to_device
 from harness.errors import HarnessError
 from harness.experiment import Stage
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
 from harness.patches import visible_indices
+from harness.run_folder import CHECKPOINTS_DIR, EVAL_FILE, METRICS_FILE, SAMPLES_DIR
+from harness.tensorboard_events import TensorBoardEvents
+from harness.update import NonFiniteLoss, UpdateRule
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +64,6 @@ class TrainContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-class NonFiniteLoss(HarnessError):
-    pass
 
 
 def _step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -86,128 +93,6 @@ class BatchOrder:
         return torch.cat(chunks)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision in ("auto", "auto_fp16"):  # fp16 trains with a GradScaler (Trainer.scaler), saved in checkpoints
-        precision = ("bf16" if precision == "auto" else "fp16") if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _param_groups(model: nn.Module, weight_decay: float, exempt: str = "vectors_and_embeddings") -> list[dict]:
-    """AdamW's parameter groups (Stage.weight_decay_exempt).
-
-    'vectors_and_embeddings': no weight decay on biases, norms and learned embeddings (vectors and the names the
-    model lists), the usual ViT practice. 'none': one group, every parameter decayed, as MaskDM's AdamW over
-    `diffusion_model.parameters()` (main.py) does.
-    """
-    if exempt == "none":
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ema-pytorch's defaults, which MaskDM's `EMA(diffusion_model, beta=ema_decay, update_every=1)` leaves in place
-# (ema_pytorch.py 0.8.3: `EMA.__init__`, `get_current_decay`, `update`).
-EMA_PYTORCH_UPDATE_AFTER_STEP = 100
-EMA_PYTORCH_INV_GAMMA = 1.0
-EMA_PYTORCH_POWER = 2 / 3
-EMA_PYTORCH_MIN_VALUE = 0.0
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool = True, rule: str = "ratio") -> float:
-    """The EMA decay used after optimizer step `step` (0-based); 0.0 means the EMA copies the weights.
-
-    'ratio': min(decay, (1 + step) / (10 + step)). 'ema_pytorch': ema-pytorch's rule with MaskDM's settings.
-    Its counter k counts update() calls (k = step here): k = 0 initialises the EMA with a copy, k <= 100 copies
-    again, and after that, with epoch = k - 100, decay = clamp(1 - (1 + epoch / inv_gamma) ** -power, min_value,
-    decay): 0.37 at step 101, 0.9978 at 10k, and the cap 0.999 from step 31,722 on.
-    """
-    if not warmup:
-        return decay
-    if rule == "ratio":
-        return min(decay, (1 + step) / (10 + step))
-    epoch = step - EMA_PYTORCH_UPDATE_AFTER_STEP
-    if epoch <= 0:
-        return 0.0
-    value = 1 - (1 + epoch / EMA_PYTORCH_INV_GAMMA) ** -EMA_PYTORCH_POWER
-    return min(max(value, EMA_PYTORCH_MIN_VALUE), decay)
-
-
-def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` on `device_type`; None leaves the precision as it is."""
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str:
-    """An autocast dtype as text: bfloat16 / float16, or float32 for None (no autocast)."""
-    return str(dtype or torch.float32).removeprefix("torch.")
-
-
-def attention_kernel(backend: str) -> contextlib.AbstractContextManager:
-    """Restrict scaled_dot_product_attention to one of torch's kernels (Stage.attention); 'auto': torch chooses.
-    The forward's choice decides the backward's kernel too."""
-    if backend == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]])
-
-
-def check_attention_kernel(backend: str, device: torch.device, dtype: torch.dtype | None, head_dim: int) -> None:
-    """Fail early, in one line, when the chosen attention kernel cannot run here (e.g. cuDNN on a CPU, or flash
-    attention in float32 on a GPU), instead of at the first step."""
-    if backend == "auto":
-        return
-    q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype or torch.float32)
-    try:
-        with attention_kernel(backend):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    except RuntimeError as e:
-        raise HarnessError(f"Stage.attention = '{backend}' cannot run on {device.type} in "
-                           f"{str(dtype or torch.float32).removeprefix('torch.')} with {head_dim}-wide heads "
-                           f"({str(e).split('. ')[0].strip()[:120]}); use 'auto'") from None
-
-
-class WithAttentionKernel(nn.Module):
-    """Runs a module with one attention kernel (Stage.attention). A module rather than a context around the call:
-    torch.compile sees the choice only when it is made inside the compiled code."""
-
-    def __init__(self, module: nn.Module, backend: str) -> None:
-        super().__init__()
-        self.module, self.backend = module, backend
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with attention_kernel(self.backend):
-            return self.module(*args, **kwargs)
-
-
-class InPrecision(nn.Module):
-    """Runs a module's forward under autocast to `dtype` (None: as it is). Sampling uses it, so that only the
-    model's forward changes precision, never the sampler's arithmetic or the Inception features of FID."""
-
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.module, self.device_type, self.dtype = module, device_type, dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with autocast_to(self.device_type, self.dtype):
-            return self.module(*args, **kwargs)
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    if decay == 0.0:  # a copy (ema-pytorch's warm-up steps), exactly
-        torch._foreach_copy_(ema_params, [p.detach() for p in model.parameters()])
-    else:
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
 class Trainer:
     """Holds one stage's live objects; `run()` trains from the newest checkpoint to the last step."""
 
@@ -228,7 +113,7 @@ class Trainer:
             report = load_weights_strictly(self.model, ctx.init_weights, ctx.init_source or "the parent stage")
             log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.autocast_dtype = _autocast_dtype(spec.precision, device)
+        self.autocast_dtype = autocast_dtype(spec.precision, device)
         check_attention_kernel(spec.attention, device, self.autocast_dtype,
                                spec.model.embed_dim // spec.model.num_heads)
         self.ddp = ctx.world_size > 1  # (the compiled wrapper hides the DDP module's type, hence a flag)
@@ -253,11 +138,7 @@ class Trainer:
         eval_precision = getattr(spec.eval, "sample_precision", "autocast")
         self.sample_dtype = None if eval_precision == "fp32" else self.autocast_dtype
         self.sampling_net: nn.Module = InPrecision(ema_net, device.type, self.sample_dtype)
-        # The fused kernel (CUDA and CPU) updates each parameter in one multi-threaded pass; on CPU the foreach
-        # path is about 4x slower, a fixed per-step cost that eats into what token dropping saves.
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, spec.weight_decay, spec.weight_decay_exempt),
-                                           lr=spec.lr, betas=spec.betas, fused=True)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.update = UpdateRule(spec, self.model, self.ema, device, self.autocast_dtype)
         self.diffusion = spec.diffusion.build(device)
         self.dataset = spec.data.build()
         self.order = BatchOrder(len(self.dataset), spec.batch_size, spec.seed)
@@ -266,11 +147,12 @@ class Trainer:
         self.cost = CostMeter.for_device(device, ctx.world_size, mask=spec.mask.name,
                                          mask_ratio=spec.mask.actual_ratio(self.grid), mask_schedule=schedule)
         self.step = 0
+        self.events = TensorBoardEvents(ctx.run_dir, enabled=False)  # run() opens the stage's own
 
     @property
     def precision_name(self) -> str:
         """The stage's compute dtype as text: bfloat16 / float16 (autocast), or float32."""
-        return _dtype_name(self.autocast_dtype)
+        return dtype_name(self.autocast_dtype)
 
     def step_flops(self, step: int = 0) -> int:
         """FLOPs of one step of this rank's batch (forward + backward), measured on one image of step `step`'s batch
@@ -327,20 +209,11 @@ class Trainer:
         return x0, t[lo:hi], noise[lo:hi], visible
 
     def train_step(self, step: int, grad_norm_wanted: bool = True) -> tuple[float, float]:
-        """Forward, backward and update for one global batch; returns (the batch's loss, grad norm).
-
-        The gradient norm costs a pass over every gradient, so it is computed only when clipping, when wanted
-        (the loop asks at its log steps) or under nan_policy 'skip' (a non-finite gradient can come with a
-        finite loss, and skipping must catch it); otherwise the grad norm returned is NaN. Under 'stop' without
-        it, such a gradient spoils the weights, the next loss is non-finite and the stage stops; `save` never
-        checkpoints non-finite weights. With fp16, an overflow is the scaler's to handle: it skips the update and
-        lowers its scale.
-        """
-        spec, device = self.spec, self.ctx.device
-        for group in self.optimizer.param_groups:
-            group["lr"] = spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
+        """Forward and backward for one global batch, micro-batch by micro-batch, then the update rule
+        (harness/update.py); returns (the batch's loss, grad norm: NaN when not computed, see UpdateRule.finish)."""
+        device = self.ctx.device
+        self.update.start(step)
         x0, t, noise, mask = self.draw(step)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.spec.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free to reuse
         n_micro = self.local_batch // self.micro_batch
@@ -353,45 +226,18 @@ class Trainer:
                 with autocast_to(device.type, self.autocast_dtype):
                     loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
                                                   mask=None if mask is None else mask[sl])
-                self.scaler.scale(loss / n_micro).backward()
+                self.update.backward(loss / n_micro)
             total += loss.detach() / n_micro
-        if self.ddp:  # the whole batch's loss: every rank then takes the same decision below (and logs it)
+        if self.ddp:  # the whole batch's loss: every rank then takes the same decision (and logs it)
             dist.all_reduce(total)
             total /= self.ctx.world_size
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        with_norm = spec.grad_clip > 0 or grad_norm_wanted or spec.nan_policy == "skip"
-        if with_norm:  # (gradients are all-reduced, so the norm is the same on every rank)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            loss_value, norm_value = torch.stack([total, grad_norm.to(total)]).tolist()  # one sync for both
-        else:
-            loss_value, norm_value = total.item(), 0.0
-        # fp16 overflow: the scaler's to handle. Once its scale has fallen below 1 the gradients are non-finite
-        # for another reason, and the nan_policy applies.
-        overflow = (self.scaler.is_enabled() and not math.isfinite(norm_value)
-                    and self.scaler.get_scale() >= 1.0)
-        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not overflow):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = (f"the loss became {loss_value}" if not math.isfinite(loss_value)
-                    else f"the gradients became non-finite (loss {loss_value:.4g})")
-            if spec.nan_policy == "stop":
-                raise NonFiniteLoss(f"stage '{spec.name}': {what} at step {step}; the last good checkpoint is "
-                                    "kept (lower the lr, or set Stage.nan_policy = 'skip')")
-            log.warning("%s at step %d: batch skipped", what, step)
-            self.scaler.update()
-            return loss_value, float("nan")
-        if not overflow and 0 < spec.grad_clip < norm_value:  # rescaling is another pass: only when it clips
-            torch.nn.utils.clip_grads_with_norm_(params, spec.grad_clip, grad_norm)
-        self.scaler.step(self.optimizer)  # (skips the update after an fp16 overflow)
-        self.scaler.update()
-        update_ema(self.ema, self.model, ema_decay_at(step, spec.ema_decay, spec.ema_warmup, spec.ema_warmup_rule))
-        return loss_value, norm_value if with_norm else float("nan")
+        return self.update.finish(step, total, grad_norm_wanted)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"stage_id": self.ctx.stage_id, "step": self.step, "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "cost": self.cost.state_dict()}
+                "ema": self.ema.state_dict(), "optimizer": self.update.optimizer.state_dict(),
+                "scaler": self.update.scaler.state_dict(), "cost": self.cost.state_dict()}
 
     def save(self) -> None:
         # A non-finite gradient that came with a finite loss (unchecked under nan_policy 'stop', see train_step)
@@ -401,12 +247,12 @@ class Trainer:
                                 "(a non-finite gradient); not checkpointed, the last good checkpoint is kept (lower "
                                 "the lr, or set Stage.nan_policy = 'skip', which checks every step's gradients)")
         if self.ctx.is_main:
-            save_checkpoint(self.ctx.run_dir / "checkpoints", self.step, self.state_dict(),
+            save_checkpoint(self.ctx.run_dir / CHECKPOINTS_DIR, self.step, self.state_dict(),
                             keep=self.spec.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the newest valid checkpoint, if any; rows logged after it are about to be redone."""
-        path = newest_valid_checkpoint(self.ctx.run_dir / "checkpoints")
+        path = newest_valid_checkpoint(self.ctx.run_dir / CHECKPOINTS_DIR)
         if path is not None:
             state = load_checkpoint(path, map_location=self.ctx.device)
             if state.get("stage_id") != self.ctx.stage_id:
@@ -414,8 +260,8 @@ class Trainer:
                                    "move the folder away or delete it")
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            self.update.optimizer.load_state_dict(state["optimizer"])
+            self.update.scaler.load_state_dict(state["scaler"])
             self.cost.load_state_dict(state["cost"])
             self.step = int(state["step"])
             log.info("resumed stage %s from %s (step %d)", self.spec.name, path, self.step)
@@ -423,7 +269,7 @@ class Trainer:
             # A crash before the first checkpoint starts over from step 0: its rows go too. Evaluations after
             # the checkpoint scored weights the rerun may not reproduce bit for bit (GPU kernels): redone too.
             # (Rewriting also drops a line torn by a kill mid-append.)
-            for name in ("metrics.jsonl", "eval.jsonl"):
+            for name in (METRICS_FILE, EVAL_FILE):
                 if (self.ctx.run_dir / name).is_file():
                     rows = read_jsonl(self.ctx.run_dir / name)
                     rewrite_jsonl(self.ctx.run_dir / name, [r for r in rows if r.get("step", 0) <= self.step])
@@ -432,16 +278,23 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> str:
         """Train to `spec.steps`; returns 'done', or 'preempted' when the stop event was set."""
-        spec, ctx = self.spec, self.ctx
         self.resume()
+        self.events = TensorBoardEvents(self.ctx.run_dir, self.spec.tensorboard and self.ctx.is_main, self.step)
+        try:
+            return self._train_from_here()
+        finally:
+            self.events.close()
+
+    def _train_from_here(self) -> str:
+        spec, ctx = self.spec, self.ctx
         if self.cost.flops_per_step == 0:
             self._measure_cost_per_step()
-        evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / "eval.jsonl") if "step" in r}
+        evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / EVAL_FILE) if "step" in r}
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
         # A run stopped while sampling or scoring right after a checkpoint resumes at that step, past the loop's
         # checks for it: do the grid and the evaluation that step owes before going on.
         if 0 < self.step < spec.steps:
-            grid = ctx.run_dir / "samples" / f"step_{self.step:07d}.png"
+            grid = ctx.run_dir / SAMPLES_DIR / f"step_{self.step:07d}.png"
             if spec.sample_every and self.step % spec.sample_every == 0 and not grid.is_file():
                 self.write_sample_grid()
             if self.step in eval_steps and self.step not in evaluated:
@@ -465,11 +318,12 @@ class Trainer:
                     ips = (self.step - last_step) * spec.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
                     row = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "images_per_second": ips,
-                           "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+                           "lr": self.update.lr, "time": time.time()}
                     if spec.mask.name != "none":  # the actual ratio of the step just taken (Stage.mask_schedule)
                         row["mask_ratio"] = self.mask_at(self.step - 1).actual_ratio(self.grid)
                     if ctx.is_main:
-                        append_jsonl(ctx.run_dir / "metrics.jsonl", row)
+                        append_jsonl(ctx.run_dir / METRICS_FILE, row)
+                        self.events.training(row)
                     progress.log(row)
                 progress.advance(self.step, loss)
                 if self.step % spec.checkpoint_every == 0 and self.step < spec.steps:
@@ -504,15 +358,19 @@ class Trainer:
         if self.evaluate is None:
             return
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
-        extra = {**self.cost.snapshot(), "sample_precision": _dtype_name(self.sample_dtype)}
+        extra = {**self.cost.snapshot(), "sample_precision": dtype_name(self.sample_dtype)}
         with self.cost.evaluating():
             self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
+        if self.ctx.is_main and self.events.writer is not None:  # the row just written, for TensorBoard
+            rows = [r for r in read_jsonl(self.ctx.run_dir / EVAL_FILE) if r.get("step") == self.step]
+            if rows:
+                self.events.evaluation(rows[-1])
 
     @torch.no_grad()
     def write_sample_grid(self) -> None:
         if not self.ctx.is_main or self.spec.num_sample_images <= 0:
             return
-        from torchvision.utils import save_image
+        from torchvision.utils import make_grid, save_image
 
         from harness.fileio import atomic_write_bytes
         from harness.sampling import SamplerConfig, sample_images
@@ -524,9 +382,11 @@ class Trainer:
                                    n=spec.num_sample_images,
                                    shape=(spec.model.in_chans, spec.model.img_size, spec.model.img_size),
                                    seed=spec.seed, batch_size=spec.num_sample_images, device=self.ctx.device)
+        grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))))
+        self.events.image_grid(self.step, grid)
         buffer = io.BytesIO()
-        save_image((images + 1) / 2, buffer, format="png", nrow=int(math.ceil(math.sqrt(len(images)))))
-        atomic_write_bytes(self.ctx.run_dir / "samples" / f"step_{self.step:07d}.png", buffer.getvalue())
+        save_image(grid, buffer, format="png")
+        atomic_write_bytes(self.ctx.run_dir / SAMPLES_DIR / f"step_{self.step:07d}.png", buffer.getvalue())
 
 
 class _Progress:
@@ -568,7 +428,7 @@ class _Progress:
             self.bar.stop()
 
 
-def is_distributed() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

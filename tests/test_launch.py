@@ -115,7 +115,7 @@ def test_a_sweep_has_its_own_folder_that_report_and_status_read_alone(tmp_path, 
     with unrelated runs, and a second sweep of the recipe overwrote results/<name>.sweep.json."""
     import harness.launch.run as run
     from harness.commands.status import collect as status_of
-    from harness.results import find_experiments
+    from harness.run_folder import find_experiments
     from harness.sweep import sweep_folder_name
 
     monkeypatch.setattr(run, "_run_inline", lambda jobs, results_dir: [])  # plans are written; nothing trains

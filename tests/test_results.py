@@ -8,7 +8,8 @@ import pytest
 from fixtures.synthetic_runs import FLOOR_FID, FLOOR_KID, add_partial_arm, standard_experiment
 
 from harness.errors import HarnessError
-from harness.results import COLUMNS, UNCERTAINTY_COLUMNS, collect, find_experiments, read_records, write_records
+from harness.results import COLUMNS, UNCERTAINTY_COLUMNS, collect, read_records, write_records
+from harness.run_folder import find_experiments
 
 
 def cell(df: pd.DataFrame, arm: str, stage: str, step: int, metric: str) -> pd.Series:

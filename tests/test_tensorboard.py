@@ -8,8 +8,9 @@ import pytest
 
 from harness.config import load_recipe
 from harness.experiment import plan_from_gin
+from harness.run_folder import EVENTS_DIR
 from harness.stage import run_stage
-from harness.tensorboard_events import EVENTS_DIR, TensorBoardEvents
+from harness.tensorboard_events import TensorBoardEvents
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -91,15 +91,16 @@ def _export(args: argparse.Namespace) -> int:
     from harness.diffusion import DiffusionConfig
     from harness.errors import HarnessError
     from harness.models.config import UViTConfig
+    from harness.run_folder import CHECKPOINTS_DIR, STAGE_FILE
 
     src = Path(args.src).expanduser()
     if src.is_dir():
-        ckpt_path = newest_valid_checkpoint(src / "checkpoints")
+        ckpt_path = newest_valid_checkpoint(src / CHECKPOINTS_DIR)
         if ckpt_path is None:
             raise HarnessError(f"{src} has no valid checkpoint under checkpoints/; is it a stage folder?")
-        stage_json = src / "stage.json"
+        stage_json = src / STAGE_FILE
     else:
-        ckpt_path, stage_json = src, src.parent.parent / "stage.json"  # <stage>/checkpoints/step_*.pt
+        ckpt_path, stage_json = src, src.parent.parent / STAGE_FILE  # <stage>/checkpoints/step_*.pt
     ckpt = load_checkpoint(ckpt_path)
 
     plain = lambda d: {k: v for k, v in d.items() if k != "type"}  # noqa: E731

@@ -24,32 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per stage instead")
 
 
-def find_plans(results_dir: Path) -> list[Path]:
-    from harness.errors import HarnessError
-
-    if (results_dir / "plan.json").is_file():
-        return [results_dir / "plan.json"]
-    plans = sorted(results_dir.rglob("plan.json"))  # experiments, and sweep folders' points
-    if not plans:
-        raise HarnessError(f"no plan.json under {results_dir}: pass the --results-dir that `harness run` or "
-                           "`harness sweep` wrote to (default: results/)")
-    return plans
-
-
 def collect(results_dir: Path, log_lines: int = 12) -> list[dict]:
     """One record per stage of every experiment found (shared stages appear under each experiment)."""
     from harness.launch.state import slurm_queue, stage_state
+    from harness.run_folder import JOB_FILE, find_experiments, load_plan
 
-    plans = find_plans(results_dir)
     needs_queue = False
     entries = []
-    for plan_path in plans:
-        plan = json.loads(plan_path.read_text())
+    for experiment_dir in find_experiments(results_dir):  # experiments, and sweep folders' points
+        plan = load_plan(experiment_dir)
         stages = plan.get("stages", {})
         for sid, info in sorted(stages.items(), key=lambda kv: kv[1].get("depth", 0)):  # parents first
-            stage_dir = plan_path.parent / info["dir"]
-            entries.append((plan.get("experiment", plan_path.parent.name), sid, info, stage_dir))
-            needs_queue = needs_queue or '"slurm"' in _read(stage_dir / "job.json")
+            stage_dir = experiment_dir / info["dir"]
+            entries.append((plan.get("experiment", experiment_dir.name), sid, info, stage_dir))
+            needs_queue = needs_queue or '"slurm"' in _read(stage_dir / JOB_FILE)
     queue = slurm_queue() if needs_queue else None
     records = []
     seen: dict[tuple[str, str], tuple[str, str]] = {}  # (experiment, stage id) -> (state, stage name)
@@ -77,11 +65,12 @@ def _blocked(state: StageState, parent_state: str, stage_dir: Path) -> bool:
     the queue since, or is still held there. Only a FAILED file of its own makes it failed rather than blocked.
     """
     from harness.results import status_after_parent
+    from harness.run_folder import FAILED_MARKER
 
     if status_after_parent(state.state, parent_state) == "blocked":
         return True
     return (parent_state in ("failed", "blocked") and state.launcher == "slurm"
-            and state.state in ("failed", "queued") and not (stage_dir / "FAILED").is_file())
+            and state.state in ("failed", "queued") and not (stage_dir / FAILED_MARKER).is_file())
 
 
 def _read(path: Path) -> str:

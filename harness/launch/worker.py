@@ -118,8 +118,9 @@ def _mark_failed(gin_text: str, stage_id: str, results_dir: str, err: Exception)
     The stage writes FAILED itself once training started; this covers the checks before that, so that
     `harness status` shows the reason instead of a job that ended without a trace.
     """
-    from harness.experiment import FAILED_MARKER, plan_from_gin
+    from harness.experiment import plan_from_gin
     from harness.fileio import atomic_write_text
+    from harness.run_folder import FAILED_MARKER
 
     try:
         stage_dir = plan_from_gin(gin_text).stage_dir(results_dir, stage_id)
