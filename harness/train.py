@@ -43,7 +43,8 @@ from harness.update import NonFiniteLoss, UpdateRule
 
 log = logging.getLogger(__name__)
 
-# evaluate(ema_model, diffusion, step, cost_snapshot) -> None; called on the main rank only
+# evaluate(ema_model, diffusion, step, cost_snapshot) -> None; called on every rank at the same steps (each samples
+# its share, rank 0 scores and writes: harness/evaluate.py)
 EvaluateFn = Callable[[nn.Module, Any, int, dict], None]
 
 
@@ -128,7 +129,8 @@ class Trainer:
             # alike on every rank and never changes.
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        if spec.compile != "off":  # masks hide a fixed count of patches, so shapes stay static
+        if spec.compile != "off":  # a mask hides a fixed count of patches: static shapes, except under a ratio
+            # schedule, where each new count of visible patches compiles again (and records another CUDA graph)
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
                      spec.name, spec.compile)
             self.net = torch.compile(self.net, mode=spec.compile)
@@ -148,6 +150,7 @@ class Trainer:
                                          mask_ratio=spec.mask.actual_ratio(self.grid), mask_schedule=schedule)
         self.step = 0
         self.events = TensorBoardEvents(ctx.run_dir, enabled=False)  # run() opens the stage's own
+        self.loss_terms: dict[str, float] = {}  # the loss's terms at the last log step (MaskDiT), for its row
 
     @property
     def precision_name(self) -> str:
@@ -218,20 +221,32 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free to reuse
         n_micro = self.local_batch // self.micro_batch
         total = torch.zeros((), device=device)
+        # MaskDiT's two terms (denoising on visible patches, reconstruction on masked ones), logged at log steps
+        terms = torch.zeros(2, device=device) if self.spec.diffusion.mae_weight > 0 and mask is not None else None
         for i in range(n_micro):
             sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
             # DDP all-reduces the gradients of the last micro-batch only
             sync = i == n_micro - 1 or not self.ddp
             with (self.net.no_sync() if not sync else contextlib.nullcontext()):
                 with autocast_to(device.type, self.autocast_dtype):
-                    loss = self.diffusion.loss_at(self.net, x0[sl], t[sl], noise[sl],
-                                                  mask=None if mask is None else mask[sl])
+                    args = (self.net, x0[sl], t[sl], noise[sl], None if mask is None else mask[sl])
+                    out = self.diffusion.loss_terms_at(*args) if terms is not None else None
+                    loss = out["loss"] if out is not None else self.diffusion.loss_at(*args)
                 self.update.backward(loss / n_micro)
             total += loss.detach() / n_micro
+            if terms is not None:
+                zero = torch.zeros((), device=device)  # (a mask that hides nothing has no reconstruction term)
+                terms += torch.stack([out["loss_denoise"], out.get("loss_mae", zero)]).detach() / n_micro
         if self.ddp:  # the whole batch's loss: every rank then takes the same decision (and logs it)
             dist.all_reduce(total)
             total /= self.ctx.world_size
-        return self.update.finish(step, total, grad_norm_wanted)
+            if terms is not None and grad_norm_wanted:
+                dist.all_reduce(terms)
+                terms /= self.ctx.world_size
+        result = self.update.finish(step, total, grad_norm_wanted)
+        if grad_norm_wanted:  # a log step: the row takes the terms (one more sync, at log steps only)
+            self.loss_terms = {} if terms is None else dict(zip(("loss_denoise", "loss_mae"), terms.tolist()))
+        return result
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -289,7 +304,10 @@ class Trainer:
         spec, ctx = self.spec, self.ctx
         if self.cost.flops_per_step == 0:
             self._measure_cost_per_step()
-        evaluated = {int(r["step"]) for r in read_jsonl(ctx.run_dir / EVAL_FILE) if "step" in r}
+        # Rank 0's view for every rank (it alone writes and trims eval.jsonl, and on several nodes the others may
+        # not see the file): every rank must take part in the same evaluations.
+        evaluated = self._from_rank0({int(r["step"]) for r in read_jsonl(ctx.run_dir / EVAL_FILE) if "step" in r}
+                                     if ctx.is_main else None)
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
         # A run stopped while sampling or scoring right after a checkpoint resumes at that step, past the loop's
         # checks for it: do the grid and the evaluation that step owes before going on.
@@ -321,6 +339,7 @@ class Trainer:
                            "lr": self.update.lr, "time": time.time()}
                     if spec.mask.name != "none":  # the actual ratio of the step just taken (Stage.mask_schedule)
                         row["mask_ratio"] = self.mask_at(self.step - 1).actual_ratio(self.grid)
+                    row.update(self.loss_terms)  # MaskDiT's loss_denoise and loss_mae
                     if ctx.is_main:
                         append_jsonl(ctx.run_dir / METRICS_FILE, row)
                         self.events.training(row)
@@ -340,6 +359,14 @@ class Trainer:
         if spec.eval is not None and self.step not in evaluated:
             self._evaluate()
         return "done"
+
+    def _from_rank0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (itself when training alone)."""
+        if not self.ddp:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _measure_cost_per_step(self) -> None:
         """FLOPs of one global training step (every rank's batch) and the tokens per image in the blocks; under a

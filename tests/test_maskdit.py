@@ -277,6 +277,11 @@ def test_a_maskdit_stage_trains_then_unmasked_tuning_loads_its_weights(maskdit_r
         assert out["status"] == "done" and out["step"] == steps
         rows = [json.loads(line) for line in (plan.stage_dir(results, sid) / "metrics.jsonl").read_text().splitlines()]
         assert rows and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+        if sid == pre:  # the masked stage's rows carry both terms, and the loss is their weighted sum
+            for r in rows:
+                assert r["loss_mae"] > 0 and r["loss"] == pytest.approx(r["loss_denoise"] + 0.1 * r["loss_mae"])
+        else:
+            assert not any("loss_mae" in r for r in rows)
     cost = [json.loads((plan.stage_dir(results, s) / "cost.json").read_text()) for s in (pre, fine)]
     assert cost[0]["tokens_seen"] == 4 * 8 * 32 and cost[1]["tokens_seen"] == 2 * 8 * 64  # encoder tokens
     assert cost[0]["flops_per_step"] < cost[1]["flops_per_step"]  # the encoder runs on half the patches
