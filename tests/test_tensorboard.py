@@ -82,3 +82,15 @@ def test_evaluation_rows_become_eval_scalars(tmp_path):
                     "eval/kernel_inception_distance_mean", "eval/floor_fid"}
     (fid,) = acc.Scalars("eval/frechet_inception_distance")
     assert fid.step == 40 and fid.value == pytest.approx(110.3)
+
+
+def test_harness_run_tensorboard_switches_it_on(tiny_recipe, tmp_path):
+    from harness.cli import main as cli_main
+
+    recipe = tiny_recipe.parent / "short.gin"
+    recipe.write_text(tiny_recipe.read_text() + "\nscratch/Stage.steps = 2\n")
+    results = tmp_path / "results"
+    assert cli_main(["run", str(recipe), "--stage", "scratch", "--no-report", "--tensorboard",
+                     "--results-dir", str(results)]) == 0
+    (events,) = results.rglob(EVENTS_DIR)
+    assert [e.step for e in _events(events.parent).Scalars("train/loss")] == [2]

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", action="append", default=[], metavar="NAME_OR_ID",
                         help="run only these stages (by stage name, arm/name or id prefix); repeatable")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="TensorBoard event files in every stage folder (Stage.tensorboard = True; needs the "
+                             "tensorboard package); then `tensorboard --logdir results/`")
     parser.add_argument("--no-wait", action="store_true", help="with the slurm launcher: submit and return")
 
 
@@ -120,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     from harness.launch.jobs import build_jobs
 
     results_dir = Path(args.results_dir)
-    gin_text = load_recipe(args.recipe, args.gin)
+    gin_text = load_recipe(args.recipe, args.gin + (["Stage.tensorboard = True"] if args.tensorboard else []))
     plan = plan_from_gin()
     stage_ids = select_stages(plan, args.stage)
     # fails early on an unknown launcher or a missing SLURM (a dry run only previews, on any machine)
