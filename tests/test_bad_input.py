@@ -1,6 +1,6 @@
 """Bad input through the CLI: each mistake gives one clear line, exit status 2, and nothing written as if done.
 
-Complements tests/test_engine.py (unknown configurable or parameter, syntax error, bad precision, '..' in the
+Complements tests/test_plans_and_stages.py (unknown configurable or parameter, syntax error, bad precision, '..' in the
 experiment name, empty arms, bad block size, missing macro, missing data folder, strict parent loading).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The engine: plans and stage ids, strict parent loading, resume equivalence, shipped recipes, the CLI."""
+"""Plans and stage ids, stage runs (parent loading, resume equivalence), the shipped recipes, the CLI."""
 from __future__ import annotations
 
 import json
