@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from harness.errors import HarnessError
+from harness.launch.jobs import Variant
 
 _KEY = re.compile(r"^[A-Za-z_][\w./]*$")
 
@@ -100,7 +101,7 @@ def grid_points(grids: list[Grid]) -> list[Point]:
     return [Point(list(zip(keys, combo))) for combo in itertools.product(*(g.values for g in grids))]
 
 
-def sweep_folder_name(sweep: list[SweepVariant]) -> str:
+def sweep_folder_name(sweep: list[SweepPoint]) -> str:
     """`<name>-sweep-<8 hex digits>`: a hash of the points and of every stage id they plan. The same sweep again
     (launcher settings may differ: they change no stage) reuses its folder and resumes; another grid, or `--gin`
     bindings or a recipe edit that change what trains, get a new folder (finished stages are linked there)."""
@@ -120,15 +121,27 @@ def point_suffix(point: Point) -> str:
 
 
 @dataclass
-class SweepVariant:
+class SweepPoint:
+    """A grid point and the experiment it makes: `variant` is what the launcher takes (its label the point's)."""
+
     point: Point
     base: str  # the recipe's experiment name
-    experiment: str  # <base>-<point suffix>
-    gin_text: str
-    plan: object  # harness.experiment.Plan
+    variant: Variant  # the point's gin text and plan; its experiment is <base>-<point suffix>
+
+    @property
+    def experiment(self) -> str:
+        return self.variant.plan.experiment
+
+    @property
+    def plan(self) -> object:  # harness.experiment.Plan
+        return self.variant.plan
+
+    @property
+    def gin_text(self) -> str:
+        return self.variant.gin_text
 
 
-def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[SweepVariant]:
+def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[SweepPoint]:
     """One experiment variant per grid point (parses the recipe once, each point's text once more)."""
     from harness.config import load_recipe
     from harness.experiment import plan_from_gin
@@ -153,8 +166,8 @@ def build_sweep(recipe: str, bindings: list[str], grids: list[Grid]) -> list[Swe
             raise HarnessError(f"grid points {seen[ids]!r} and {point.label!r} give identical stages: does the "
                                "recipe use every --grid key? (an unused macro or binding changes nothing)")
         seen[ids] = point.label
-        variants.append(SweepVariant(point=point, base=first.experiment, experiment=name, gin_text=text,
-                                     plan=plan))
+        variants.append(SweepPoint(point=point, base=first.experiment,
+                                   variant=Variant(gin_text=text, plan=plan, label=point.label)))
     return variants
 
 

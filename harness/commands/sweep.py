@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from harness.errors import HarnessError
-    from harness.launch import Variant, launch_variants, raise_for_failures
+    from harness.launch import launch_variants, raise_for_failures
     from harness.launch.jobs import build_jobs
     from harness.launch.run import check_wait
     from harness.sweep import build_sweep, parse_grid, sweep_folder_name
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     check_wait(launcher, not args.no_wait)  # before the sweep record is written
     root = Path(args.results_dir)
     folder = root / sweep_folder_name(sweep)
-    variants = [Variant(gin_text=v.gin_text, plan=v.plan, label=v.point.label) for v in sweep]
+    variants = [p.variant for p in sweep]
     jobs = build_jobs(variants, folder, search_root=root)
     todo = {job.stage_id for job in jobs if not job.done}  # a stage finished elsewhere needs no data here
     problems: list[str] = []
