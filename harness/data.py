@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import gin
 from harness import embedded
 from harness.errors import HarnessError
+from harness.latent import LatentConfig
 
 if TYPE_CHECKING:
     from harness.datasets import ImageDataset
@@ -56,6 +57,10 @@ class DataConfig:
     # The subset, if any, is then drawn from the split.
     split_file: str | None = dataclasses.field(default=None, metadata={"added_later": True})
     split: str | None = dataclasses.field(default=None, metadata={"added_later": True})
+    # Train on the latents of a diffusers AutoencoderKL on local disk (harness/latent.py) instead of pixels: a
+    # LatentConfig, or None (pixels). Added later: left out of stage ids while None. Evaluation still scores
+    # images of `resolution` against the real images (the samples are decoded).
+    latent: LatentConfig | None = dataclasses.field(default=None, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         from harness.config import check_field_types  # here: config imports this module to register it
@@ -74,6 +79,13 @@ class DataConfig:
         if self.split is not None and self.split_file is None:
             raise HarnessError(f"DataConfig.split={self.split!r} needs DataConfig.split_file (e.g. CelebA's "
                                "list_eval_partition.txt); or set DataConfig.split = None")
+        if self.latent is not None and not isinstance(self.latent, LatentConfig):
+            raise HarnessError(f"DataConfig.latent = {self.latent!r} is not a LatentConfig; bind it to one, e.g. "
+                               "DataConfig.latent = @LatentConfig(), or None for pixels")
+        if self.latent is not None and self.hflip:
+            raise HarnessError("DataConfig.hflip = True with DataConfig.latent: the trainer would mirror latents, "
+                               "and a mirrored latent is not the latent of the mirrored image; set "
+                               "DataConfig.hflip = False (gin/data/latent_sd_vae.gin does)")
 
     # -- description ---------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -89,6 +101,8 @@ class DataConfig:
             located = _locate(self.root_path)
             if self.split_file is not None:
                 self._split_positions(located[2])
+        if self.latent is not None:  # the VAE folder, and diffusers to load it
+            self.latent.check()
 
     def content_id(self) -> str:
         """A short stable hash of what `build()` would return, used to cache FID reference statistics."""

@@ -675,19 +675,24 @@ def _png_digits(n: int) -> int:
 def _sample_to_folder(model, diffusion, data_cfg, cfg: EvalConfig, device, folder: Path, rank: int = 0,
                       world_size: int = 1) -> None:
     """Sample this rank's share of cfg.num_samples images (`rank_batches`: all of them on one process) batch by
-    batch (10k images at 256 px would not fit in memory at once), as PNGs named by their index."""
+    batch (10k images at 256 px would not fit in memory at once), as PNGs named by their index. In latent space
+    (`DataConfig.latent`) the samples are latents, decoded here to images of the data's resolution."""
     from rich.progress import Progress
 
+    from harness.latent import decoder_for
     from harness.sampling import rank_batches, sample_batches
 
     shape = (3, data_cfg.resolution, data_cfg.resolution)
+    decode = decoder_for(data_cfg, device)  # None for pixels
+    if decode is not None:
+        shape = data_cfg.latent.latent_shape(data_cfg.resolution)
     batches = rank_batches(cfg.num_samples, cfg.batch_size, rank, world_size)
     digits, done = _png_digits(cfg.num_samples), 0
     with Progress(transient=True, disable=rank != 0) as progress:
         task = progress.add_task(f"sampling ({cfg.sampler.name})", total=sum(len(b) for b in batches))
         for k, batch in enumerate(sample_batches(model, diffusion, cfg.sampler, cfg.num_samples, shape,
                                                  seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                                                 rank=rank, world_size=world_size)):
+                                                 rank=rank, world_size=world_size, decode=decode)):
             write_pngs(batch, folder, start=batches[k].start, digits=digits)
             done += len(batch)
             progress.update(task, completed=done)

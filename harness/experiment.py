@@ -155,7 +155,12 @@ class Stage:
             if not ok:
                 raise HarnessError(f"stage '{self.name}': {key} = {getattr(self, key)!r} {rule}")
         backbone = type(self.model).__name__
-        if self.data.resolution != self.model.img_size:  # else the first step fails, maybe after a long queue
+        if self.data.latent is not None:  # the backbone sees the VAE's latents: their channels and grid size
+            try:
+                self.data.latent.check_backbone(self.data.resolution, self.model)
+            except HarnessError as err:
+                raise HarnessError(f"stage '{self.name}': {err}") from None
+        elif self.data.resolution != self.model.img_size:  # else the first step fails, maybe after a long queue
             raise HarnessError(f"stage '{self.name}': DataConfig.resolution = {self.data.resolution} but "
                                f"{backbone}.img_size = {self.model.img_size}; make them equal")
         if self.model.num_classes > 0:  # the data carries no labels: the class embedding would never be trained

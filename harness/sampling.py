@@ -116,8 +116,14 @@ def sample_batch(
     seed: int,
     device,
     y: torch.Tensor | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Images number `indices` of the seeded sequence, [len(indices), C, H, W] on `device`, in [-1, 1]."""
+    """Images number `indices` of the seeded sequence, [len(indices), C, H, W] on `device`, in [-1, 1].
+
+    `decode` (latent space, harness/latent.py) turns the samples, then latents of `shape`, into images: x0 is
+    then not clipped (latents are not bounded to [-1, 1], whatever `sampler.clip_x0` says) and the decoded images
+    are clamped instead.
+    """
     import torch
 
     with torch.inference_mode():
@@ -130,7 +136,7 @@ def sample_batch(
         for t, t_prev in sampler.time_pairs(diffusion.timesteps):
             t_batch = torch.full((len(gens),), t, device=device, dtype=torch.long)
             eps, x0 = diffusion.predict_eps_x0(model(x, t_batch, y=y).float(), x, t_batch)
-            if sampler.clip_x0:
+            if sampler.clip_x0 and decode is None:
                 x0 = x0.clamp(-1, 1)
                 if sampler.eps_from_clipped_x0 or diffusion.cfg.prediction != "eps":
                     eps = diffusion.eps_from_x0(x, t_batch, x0)
@@ -138,7 +144,7 @@ def sample_batch(
             x = c_x0 * x0 + c_xt * x + c_eps * eps
             if std > 0:
                 x = x + std * _noise(gens, shape, device)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if decode is None else decode(x).clamp(-1, 1)
 
 
 def rank_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
@@ -168,6 +174,7 @@ def sample_batches(
     y: torch.Tensor | None = None,
     rank: int = 0,
     world_size: int = 1,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the n images in batches (on `device`), for callers that write them out instead of keeping them.
 
@@ -181,7 +188,7 @@ def sample_batches(
     try:
         for idx in batches:
             labels = None if y is None else y[idx.start : idx.stop]
-            yield sample_batch(model, diffusion, sampler, idx, shape, seed, device, y=labels)
+            yield sample_batch(model, diffusion, sampler, idx, shape, seed, device, y=labels, decode=decode)
     finally:
         model.train(was_training)
 
@@ -197,12 +204,14 @@ def sample_images(
     device="cpu",
     y: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """n images [n, C, H, W] in [-1, 1] (on the CPU); `progress(images_done)` is called after every batch."""
+    """n images [n, C, H, W] in [-1, 1] (on the CPU); `progress(images_done)` is called after every batch.
+    With `decode` (latent space), `shape` is the latents' and the images are the decoded ones."""
     import torch
 
     out, done = [], 0
-    for batch in sample_batches(model, diffusion, sampler, n, shape, seed, batch_size, device, y):
+    for batch in sample_batches(model, diffusion, sampler, n, shape, seed, batch_size, device, y, decode=decode):
         out.append(batch.float().cpu())
         done += len(batch)
         if progress is not None:

@@ -143,6 +143,10 @@ class Trainer:
         self.update = UpdateRule(spec, self.model, self.ema, device, self.autocast_dtype)
         self.diffusion = spec.diffusion.build(device)
         self.dataset = spec.data.build()
+        if spec.data.latent is not None:  # the VAE's latents of those images, encoded once and cached (latent.py)
+            from harness.latent import LatentImages
+
+            self.dataset = LatentImages.encode(self.dataset, spec.data.latent, device)
         self.order = BatchOrder(len(self.dataset), spec.batch_size, spec.seed)
         self.grid = spec.model.grid
         schedule = None if spec.mask_schedule is None else spec.mask_schedule.describe(spec.steps)
@@ -400,6 +404,7 @@ class Trainer:
         from torchvision.utils import make_grid, save_image
 
         from harness.fileio import atomic_write_bytes
+        from harness.latent import decoder_for
         from harness.sampling import SamplerConfig, sample_images
 
         spec = self.spec
@@ -408,7 +413,8 @@ class Trainer:
             images = sample_images(self.sampling_net, self.diffusion, sampler,
                                    n=spec.num_sample_images,
                                    shape=(spec.model.in_chans, spec.model.img_size, spec.model.img_size),
-                                   seed=spec.seed, batch_size=spec.num_sample_images, device=self.ctx.device)
+                                   seed=spec.seed, batch_size=spec.num_sample_images, device=self.ctx.device,
+                                   decode=decoder_for(spec.data, self.ctx.device))  # latents: to images
         grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))))
         self.events.image_grid(self.step, grid)
         buffer = io.BytesIO()
