@@ -125,10 +125,15 @@ class Trainer:
         if spec.attention != "auto":
             self.net, ema_net = (WithAttentionKernel(m, spec.attention) for m in (self.net, ema_net))
         if self.ddp:
-            # No buffer broadcast: the model's only buffer (the ViT decoder's fixed position embedding) is seeded
-            # alike on every rank and never changes.
+            # No buffer sync at each forward: the model's only buffer (the ViT decoder's fixed position embedding)
+            # is seeded alike on every rank and never changes. torch >= 2.13 names that `forward_sync_buffers`
+            # and warns (FutureWarning, on every rank) on the older `broadcast_buffers`.
+            import inspect
+
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
             self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
         if spec.compile != "off":  # a mask hides a fixed count of patches: static shapes, except under a ratio
             # schedule, where each new count of visible patches compiles again (and records another CUDA graph)
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",

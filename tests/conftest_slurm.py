@@ -94,3 +94,38 @@ def scontrol_job(job_id: str) -> dict[str, str]:
         if sep:
             fields.setdefault(key, value)
     return fields
+
+
+def task_logs(stage_dir: Path, tasks: int) -> list[str]:
+    """The stderr log of each task (rank) of the stage's job, from the path job.json records for task 0."""
+    import json
+
+    first = Path(json.loads((stage_dir / "job.json").read_text())["stderr"])
+    assert first.name.endswith("_0_log.err"), first
+    return [(first.parent / first.name.replace("_0_log.err", f"_{t}_log.err")).read_text() for t in range(tasks)]
+
+
+def final_weights(stage_dir: Path) -> dict:
+    """The model weights of the stage's newest checkpoint (its last step once DONE)."""
+    from harness.checkpoint import load_checkpoint, newest_valid_checkpoint
+
+    return load_checkpoint(newest_valid_checkpoint(stage_dir / "checkpoints"))["model"]
+
+
+def one_process_weights(gin_text: str, results_dir: Path) -> dict:
+    """The final weights of the (one-stage) plan trained inline, in one process: the reference for DDP runs."""
+    from harness.experiment import plan_from_gin
+    from harness.launch import InlineLauncher, launch_plan
+
+    (out,) = launch_plan(plan_from_gin(gin_text), gin_text, results_dir, InlineLauncher())
+    assert out["status"] == "done", out
+    return final_weights(Path(out["dir"]))
+
+
+def assert_same_weights(ranks: dict, single: dict) -> None:
+    """Data-parallel weights equal one process's on the same global batches, to float tolerance (test_ddp.py)."""
+    import torch
+
+    assert ranks.keys() == single.keys()
+    for name in ranks:
+        torch.testing.assert_close(ranks[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{name} vs one process")

@@ -3,16 +3,20 @@
 Both runs go through the launcher's job body (`run_stage_job`: torch.distributed set-up from torchrun's
 environment, the stop flag all-reduced every step, the stage, the trainer's DDP). The test only wraps
 `Trainer.run` to save each rank's final weights, which the run folder (written by rank 0) cannot show.
+The same through the local launcher (`LocalLauncher(tasks_per_node=2)`: submitit's rendezvous); SLURM's
+two-task jobs are in test_slurm.py.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-from conftest_slurm import write_fast_recipe
+from conftest_slurm import assert_same_weights, final_weights, one_process_weights, task_logs, write_fast_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -213,3 +217,30 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     outcomes = _two_ranks(_train_with_nan_on_rank_1, text, sid, tmp_path)
     for outcome in outcomes:
         assert outcome.startswith("NonFiniteLoss") and "loss became nan at step 1" in outcome, outcomes
+
+
+def test_local_launcher_runs_a_stage_as_two_ranks_like_one_process(tmp_path, capsys):
+    """LocalLauncher(tasks_per_node=2): two submitit processes find each other (rendezvous from submitit's
+    environment), train to DONE without a warning on either rank, and end with one process's weights; `harness
+    status` shows the job."""
+    from harness.cli import main as harness_main
+    from harness.experiment import plan_from_gin
+    from harness.launch import LocalLauncher, launch_plan
+
+    text, sid = _stage(tmp_path, batch_size=8)
+    results = tmp_path / "local"
+    (out,) = launch_plan(plan_from_gin(text), text, results, LocalLauncher(tasks_per_node=2, poll_seconds=0.2))
+    assert out["status"] == "done", out
+    stage_dir = Path(out["dir"])
+    logs = task_logs(stage_dir, 2)
+    for rank, log in enumerate(logs):
+        assert f"rank {rank} of 2" in log, log
+        assert not re.search("warn", log, re.IGNORECASE), log  # e.g. DDP's FutureWarning on broadcast_buffers
+    assert "step 4/4" in logs[0]  # rank 0 trained and logged every step
+    assert_same_weights(final_weights(stage_dir), one_process_weights(text, tmp_path / "single"))
+
+    capsys.readouterr()
+    assert harness_main(["status", str(results)]) == 0
+    job_id = json.loads((stage_dir / "job.json").read_text())["job_id"]
+    row = next(line for line in capsys.readouterr().out.splitlines() if sid[:8] in line)
+    assert job_id in row and "done" in row and f"{STEPS}" in row, row

@@ -386,19 +386,158 @@ def test_sbatch_complaints_point_at_the_launcher_setting():
 def test_slurm_spec_becomes_the_sbatch_script():
     from submitit.slurm.slurm import _make_sbatch_string
 
-    spec = SlurmLauncher(partition="gpu", account="lab", gpus_per_node=4, cpus_per_task=8, mem_gb_per_task=16,
-                         extra_sbatch=["--reservation=abc", "#SBATCH --exclusive"], setup=["module load cuda"],
+    spec = SlurmLauncher(partition="gpu", account="lab", qos="high", constraint="a100|h100", gpus_per_node=4,
+                         cpus_per_task=8, mem_gb_per_task=16, exclusive=True,
+                         extra_sbatch=["--reservation=abc", "#SBATCH --mail-type=FAIL"], setup=["module load cuda"],
                          signal_delay_s=300, time_min=90)
     params = spec.sbatch_parameters()
     params.pop("array_parallelism")
     script = _make_sbatch_string("python -m x", "/tmp/logs/%j", dependency="aftercorr:12", **params)
-    for line in ("--partition=gpu", "--account=lab", "--gpus-per-node=4", "--ntasks-per-node=4",
-                 "--cpus-per-task=8", "--mem=65536M", "--signal=USR2@300", "--time=90", "--requeue",
-                 "--kill-on-invalid-dep=yes", "--reservation=abc", "--exclusive", "--dependency=aftercorr:12"):
+    for line in ("--partition=gpu", "--account=lab", "--qos=high", "--constraint='a100|h100'", "--gpus-per-node=4",
+                 "--ntasks-per-node=4", "--cpus-per-task=8", "--mem=65536M", "--signal=USR2@300", "--time=90",
+                 "--requeue", "--kill-on-invalid-dep=yes", "--reservation=abc", "--mail-type=FAIL", "--exclusive",
+                 "--dependency=aftercorr:12"):
         assert f"#SBATCH {line}\n" in script, line
     assert "module load cuda" in script
     with pytest.raises(HarnessError, match="long option"):
-        SlurmLauncher(extra_sbatch=["-p gpu"]).sbatch_parameters()
+        SlurmLauncher(extra_sbatch=["-p gpu"])
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("time_min = '4h'", "time_min = '4h' is not a valid int"),
+    ("time_min = 0", "SlurmLauncher.time_min = 0 must be at least 1"),
+    ("nodes = 0", "SlurmLauncher.nodes = 0 must be at least 1"),
+    ("tasks_per_node = 0", "SlurmLauncher.tasks_per_node = 0 must be at least 1"),
+    ("cpus_per_task = 0", "SlurmLauncher.cpus_per_task = 0 must be at least 1"),
+    ("gpus_per_node = -1", "SlurmLauncher.gpus_per_node = -1 must be at least 0"),
+    ("mem_gb_per_task = 0", "SlurmLauncher.mem_gb_per_task = 0.0 must be positive"),
+    ("max_requeues = -1", "SlurmLauncher.max_requeues = -1 must be at least 0"),
+    ("exclusive = 'yes'", "exclusive = 'yes' is not a valid bool"),
+    ("partition = ''", "SlurmLauncher.partition is empty"),
+    ("extra_sbatch = '--reservation=abc'", "extra_sbatch = '--reservation=abc' must be a list of strings"),
+    ("extra_sbatch = ['--time=10']", "--time is set by SlurmLauncher.time_min"),
+    ("extra_sbatch = ['--exclusive']", "--exclusive is set by SlurmLauncher.exclusive"),
+    ("extra_sbatch = ['--dependency=afterok:1']", "--dependency is set by the harness"),
+    ("extra_sbatch = ['--mem-per-gpu=10G']", "sbatch takes one of them"),
+    ("signal_delay_s = 600", "signal_delay_s = 600 is not shorter than the time limit"),
+    ("gpus_per_node = 2", "3 tasks per node but 2 GPUs per node"),
+])
+def test_a_bad_cluster_setting_is_one_line_naming_it(tmp_path, capsys, binding, message):
+    """The profile's settings are checked when the launcher is made, before anything is planned or submitted."""
+    base = ["SlurmLauncher.time_min = 5", "SlurmLauncher.tasks_per_node = 3", "SlurmLauncher.mem_gb_per_task = 4"]
+    bindings = [b for b in base if b.split("=")[0] != binding.split("=")[0]] + [f"SlurmLauncher.{binding}"]
+    code = harness_main(["run", str(write_fast_recipe(tmp_path)), "--launcher", "slurm", "--dry-run",
+                         *[arg for b in bindings for arg in ("--gin", b)]])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_local_launcher_settings_are_checked():
+    with pytest.raises(HarnessError, match="LocalLauncher.tasks_per_node = 0 must be at least 1"):
+        LocalLauncher(tasks_per_node=0)
+    with pytest.raises(HarnessError, match="3 tasks per node but 2 GPUs per node"):
+        LocalLauncher(tasks_per_node=3, gpus_per_node=2)
+    assert LocalLauncher(tasks_per_node=2).tasks_per_node == 2  # CPU ranks (gloo) need no GPU
+
+
+def test_the_cluster_profile_sets_every_setting_and_asks_for_nothing_a_cluster_could_refuse():
+    """gin/launch/slurm.gin documents every SlurmLauncher field; as shipped it equals the defaults: the cluster's
+    partition, account, ..., no GPU, no memory or CPU request (the CI cluster takes it as it is)."""
+    import dataclasses
+
+    import gin
+    from gin import config_parser
+    from harness.launch.specs import from_profile, profile_path
+
+    for cls in (SlurmLauncher, LocalLauncher):
+        text = profile_path(cls.name).read_text()
+        statements = list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
+        bound = {s.arg_name for s in statements if s.selector == cls.__name__}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert bound == fields, f"{profile_path(cls.name)} misses {fields - bound}"
+        assert from_profile(cls) == cls()
+    # each SlurmLauncher line says what it sets (a comment on it, or on the lines just above)
+    lines = profile_path("slurm").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("SlurmLauncher."):
+            assert "#" in line or lines[i - 1].startswith("#"), line
+
+
+def test_launcher_option_reads_its_profile_under_the_recipes_bindings(tmp_path, monkeypatch):
+    """`--launcher slurm` with a recipe that does not include launch/slurm.gin gets the cluster profile; a binding
+    of the recipe or of --gin wins over it; a recipe that chose SLURM itself keeps its own launcher."""
+    import gin
+    import harness.launch.specs as specs
+
+    profile = tmp_path / "slurm.gin"
+    profile.write_text("default_launcher.launcher = @SlurmLauncher()\nSlurmLauncher.partition = 'gpu'\n"
+                       "SlurmLauncher.account = 'lab'  # comment\nSlurmLauncher.time_min = 600\n"
+                       "SlurmLauncher.extra_sbatch = ['--reservation=abc']\n")
+    monkeypatch.setattr(specs, "profile_path", lambda name: profile if name == "slurm" else tmp_path / "none.gin")
+    gin.parse_config("SlurmLauncher.time_min = 30")  # as from the recipe or --gin
+    chosen = launcher_from_name("slurm", require_slurm=False)
+    assert (chosen.partition, chosen.account, chosen.time_min, chosen.extra_sbatch) == ("gpu", "lab", 30,
+                                                                                       ["--reservation=abc"])
+    assert launcher_from_name("local", require_slurm=False) == LocalLauncher()  # no local profile: defaults
+    gin.clear_config()
+    gin.parse_config("default_launcher.launcher = @SlurmLauncher()\nSlurmLauncher.qos = 'high'")
+    assert launcher_from_name("slurm", require_slurm=False) == SlurmLauncher(qos="high")  # the recipe's own
+    profile.write_text("SlurmLauncher.partiton = 'gpu'\n")
+    with pytest.raises(HarnessError, match="SlurmLauncher has no setting partiton"):
+        specs.from_profile(SlurmLauncher)
+    profile.write_text("include 'other.gin'\n")
+    with pytest.raises(HarnessError, match="bindings only"):
+        specs.from_profile(SlurmLauncher)
+
+
+def test_dry_run_prints_the_sbatch_options_each_stage_will_get(tmp_path, monkeypatch, capsys):
+    """What `harness run --launcher slurm --dry-run` prints is what the submission sends: both come from
+    `job_parameters`, and the dry run's options equal the #SBATCH lines of the file submitit would hand sbatch."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here: a dry run needs none
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "r"
+    profile = ["SlurmLauncher.partition = 'gpu'", "SlurmLauncher.account = 'lab'", "SlurmLauncher.qos = 'high'",
+               "SlurmLauncher.constraint = 'a100'", "SlurmLauncher.time_min = 90", "SlurmLauncher.gpus_per_node = 2",
+               "SlurmLauncher.cpus_per_task = 6", "SlurmLauncher.mem_gb_per_task = 8", "SlurmLauncher.exclusive = True",
+               "SlurmLauncher.signal_delay_s = 300", "SlurmLauncher.nodes = 2",
+               "SlurmLauncher.extra_sbatch = ['--reservation=abc', '--mail-type=FAIL']",
+               "SlurmLauncher.setup = ['module load cuda/12.1']"]
+    args = ["run", str(recipe), "--launcher", "slurm", "--results-dir", str(results),
+            *[arg for b in profile for arg in ("--gin", b)]]
+    assert harness_main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not results.exists()  # nothing written, nothing submitted
+    assert "3 job(s), one per stage, each 2 node(s) x 2 task(s) = 4 DDP rank(s)" in out
+    every = " ".join(line.strip() for line in out[out.index("every job: sbatch"):].split("\n  setup")[0].splitlines())
+    for option in ("--partition=gpu", "--account=lab", "--qos=high", "--constraint=a100", "--time=90", "--nodes=2",
+                   "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=6", "--mem=16384M", "--exclusive",
+                   "--signal=USR2@300", "--reservation=abc", "--mail-type=FAIL", "--requeue",
+                   "--kill-on-invalid-dep=yes", f"--output={results}/.submitit/%j/%j_0_log.out"):
+        assert option in every.split(), option
+    assert "  setup: module load cuda/12.1\n" in out
+    stage_lines = {line.split(" (")[0].strip(): line for line in out.splitlines() if line.startswith("  fast/")}
+    assert set(stage_lines) == {"fast/scratch", "fast/pretrain", "fast/finetune"}
+    assert "--job-name=harness-scratch" in stage_lines["fast/scratch"]
+    assert "--dependency='afterok:<pretrain-" in stage_lines["fast/finetune"]
+
+    # The real submission, up to sbatch: the file submitit writes for the first stage has the same options.
+    written = []
+
+    def read_then_refuse(self, submission_file_path):
+        written.append(Path(submission_file_path).read_text())
+        raise FailedJobError("sbatch: error: stopped by the test")
+
+    _fake_sbatch_only(tmp_path, monkeypatch)
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command", read_then_refuse)
+    assert harness_main([*args, "--no-report"]) == 2
+    assert "stopped by the test" in capsys.readouterr().err
+    submitted = [line.removeprefix("#SBATCH ") for line in written[0].splitlines() if line.startswith("#SBATCH")]
+    first = next(line for line in out.splitlines() if line.startswith("  fast/"))
+    previewed = every.removeprefix("every job: sbatch ").split() + first.split(": ", 1)[1].split()
+    assert sorted(submitted) == sorted(previewed)
 
 
 # -- stage state (harness status) -------------------------------------------------------------------------------
@@ -640,6 +779,80 @@ def test_process_group_waits_hours_for_rank_0s_evaluation(monkeypatch):
         assert (rank, world) == (0, 2)
     assert calls[0]["backend"] == "gloo" and calls[1] == "destroyed"
     assert calls[0].get("timeout", datetime.timedelta(minutes=10)) >= datetime.timedelta(hours=2)
+
+
+@pytest.fixture
+def own_environ(monkeypatch):
+    """A copy of os.environ for the test: what distributed_from_env exports (RANK, WORLD_SIZE, ...) must not reach
+    the next test, which would then wait for ranks that do not exist."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+
+
+def _slurm_task(monkeypatch, procid: int, nodes: int = 2, tasks_per_node: int = 4, job_id: str = "4242") -> None:
+    """The environment SLURM gives task `procid` of a job on `nodes` nodes x `tasks_per_node` tasks."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", job_id)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]" if nodes == 2 else "gpu07")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", str(nodes))
+    monkeypatch.setenv("SLURM_NTASKS", str(nodes * tasks_per_node))
+    monkeypatch.setenv("SLURM_PROCID", str(procid))
+    monkeypatch.setenv("SLURM_LOCALID", str(procid % tasks_per_node))
+    monkeypatch.setenv("SLURM_NODEID", str(procid // tasks_per_node))
+
+
+def test_rendezvous_of_nodes_times_tasks_from_slurms_variables(monkeypatch, own_environ):
+    """2 nodes x 4 tasks: 8 ranks, RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, rank 0's node (the first of
+    the node list) is the rendezvous address, and every task agrees on the port, also after a requeue."""
+    from harness.launch.worker import rendezvous_variables
+
+    seen = []
+    for procid in range(8):
+        _slurm_task(monkeypatch, procid)
+        seen.append(rendezvous_variables())
+    assert [v["RANK"] for v in seen] == [str(r) for r in range(8)]
+    assert [v["LOCAL_RANK"] for v in seen] == ["0", "1", "2", "3"] * 2
+    assert {v["WORLD_SIZE"] for v in seen} == {"8"} and {v["LOCAL_WORLD_SIZE"] for v in seen} == {"4"}
+    assert {v["MASTER_ADDR"] for v in seen} == {"gpu07"}
+    (port,) = {v["MASTER_PORT"] for v in seen}
+    assert 20000 <= int(port) <= 60000
+    _slurm_task(monkeypatch, 3, job_id="4243")  # another job (on the same node, maybe): another port
+    assert rendezvous_variables()["MASTER_PORT"] != port
+    monkeypatch.setenv("MASTER_PORT", "29500")  # set by the user: every task takes it
+    assert rendezvous_variables()["MASTER_PORT"] == "29500"
+
+
+def test_a_task_of_a_multi_task_job_joins_the_process_group_with_its_rank(monkeypatch, own_environ):
+    """distributed_from_env exports the rendezvous for torch's env:// initialisation (gloo without a GPU), and
+    leaves a torchrun environment (WORLD_SIZE already set) as it is."""
+    import torch
+    import torch.distributed as dist
+
+    import harness.launch.worker as worker
+
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(
+        {k: os.environ[k] for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")} | kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: int(os.environ["RANK"]))
+    monkeypatch.setattr(dist, "get_world_size", lambda: int(os.environ["WORLD_SIZE"]))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    _slurm_task(monkeypatch, 6)
+    with worker.distributed_from_env() as (rank, world):
+        assert (rank, world) == (6, 8)
+    assert joined[0]["MASTER_ADDR"] == "gpu07" and joined[0]["LOCAL_RANK"] == "2" and joined[0]["backend"] == "gloo"
+    monkeypatch.setenv("RANK", "1")  # torchrun's own variables win
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with worker.distributed_from_env() as (rank, world):
+        assert (rank, world) == (1, 2)
+    assert joined[1]["MASTER_ADDR"] == "127.0.0.1"
+    _slurm_task(monkeypatch, 0, nodes=1, tasks_per_node=1)  # one task: no process group at all
+    with worker.distributed_from_env() as (rank, world):
+        assert (rank, world) == (0, 1)
+    assert len(joined) == 2
 
 
 def test_sigterm_to_an_inline_run_starts_no_further_stage(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The launcher on a real one-node SLURM cluster: dependencies, sweeps as job arrays, preemption and requeue.
+"""The launcher on a real one-node SLURM cluster: dependencies, sweeps as job arrays, preemption and requeue,
+stages of two tasks (DDP ranks, gloo on CPU), and the cluster profile's options reaching the job.
 
 Skipped with the reason when no cluster is reachable; with CI=true the fixture starts one (ci/slurm/start.sh)
 and a missing cluster fails the tests instead.
@@ -6,12 +7,22 @@ and a missing cluster fails the tests instead.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest_slurm import scontrol_job, slurm_cluster, wait_until, write_fast_recipe  # noqa: F401
+from conftest_slurm import (  # noqa: F401
+    assert_same_weights,
+    final_weights,
+    one_process_weights,
+    scontrol_job,
+    slurm_cluster,
+    task_logs,
+    wait_until,
+    write_fast_recipe,
+)
 
 from harness.cli import main as harness_main
 
@@ -181,3 +192,82 @@ def test_preempted_job_requeues_and_resumes_without_duplicate_rows(slurm_cluster
     assert rows[stopped - 1]["time"] <= requeued_at < rows[stopped]["time"]
     assert scontrol_job(job_id).get("Restarts", "1") == "1"
     assert "requeueing job" in Path(_job(stage_dir)["stderr"]).read_text()
+
+
+TWO_RANKS = ["scratch/Stage.steps = 4", "Stage.batch_size = 8", "Experiment.arms = {'scratch': [@scratch/Stage()]}"]
+
+
+def test_a_two_task_job_trains_like_one_process_with_the_profiles_options(slurm_cluster, tmp_path, capsys):
+    """`harness run --launcher slurm` with tasks_per_node = 2: the dry run shows the job's sbatch options, the job
+    carries them (scontrol), both ranks train to DONE without a warning, the weights are one process's on the
+    same global batches, and `harness status` shows the job."""
+    from harness.config import load_recipe
+
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "results"
+    gin = [*TWO_RANKS, "SlurmLauncher.tasks_per_node = 2", "SlurmLauncher.time_min = 7",
+           "SlurmLauncher.extra_sbatch = ['--comment=harness-two-ranks']", "SlurmLauncher.poll_seconds = 1",
+           "SlurmLauncher.job_name = 'harness-test'"]
+    args = ["run", str(recipe), "--launcher", "slurm", "--results-dir", str(results), "--no-report",
+            *[arg for binding in gin for arg in ("--gin", binding)]]
+    assert harness_main([*args, "--dry-run"]) == 0
+    preview = capsys.readouterr().out
+    for option in ("--ntasks-per-node=2", "--time=7", "--comment=harness-two-ranks", "--job-name=harness-test-scratch"):
+        assert option in preview.split(), option
+    assert harness_main(args) == 0
+
+    stage_dir = _only(results / "fast" / "scratch", "scratch-*")
+    assert (stage_dir / "DONE").is_file() and _steps(stage_dir) == [1, 2, 3, 4]
+    job_id = _job(stage_dir)["job_id"]
+    job = scontrol_job(job_id)
+    assert (job["NumTasks"], job["TimeLimit"], job["Comment"], job["Requeue"], job["JobName"]) == (
+        "2", "00:07:00", "harness-two-ranks", "1", "harness-test-scratch")
+    logs = task_logs(stage_dir, 2)
+    for rank, log in enumerate(logs):
+        assert f"rank {rank} of 2" in log, log
+        assert not re.search("warn", log, re.IGNORECASE), log  # e.g. DDP's FutureWarning on broadcast_buffers
+    text = load_recipe(recipe, TWO_RANKS)
+    assert_same_weights(final_weights(stage_dir), one_process_weights(text, tmp_path / "single"))
+
+    capsys.readouterr()
+    assert harness_main(["status", str(results)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "scratch" in line)
+    assert job_id in row and "done" in row, row
+
+
+def test_a_requeued_two_task_job_resumes_every_rank_from_the_same_checkpoint(slurm_cluster, tmp_path):
+    """`scontrol requeue` while both ranks train: they stop at the same step (the stop flag is all-reduced), rank 0
+    checkpoints, and after the restart each rank resumes from that checkpoint; the final weights are those of one
+    uninterrupted process."""
+    from harness.config import load_recipe
+    from harness.experiment import plan_from_gin
+    from harness.launch import SlurmLauncher, launch_plan
+    from harness.launch.state import slurm_queue, stage_state
+
+    steps = 200  # ~10 s of training: requeued within a second of the first checkpoint, long before the end
+    bindings = [f"scratch/Stage.steps = {steps}", "Stage.batch_size = 8", "Stage.checkpoint_every = 5",
+                "Stage.keep_checkpoints = 5", "Experiment.arms = {'scratch': [@scratch/Stage()]}"]
+    text = load_recipe(write_fast_recipe(tmp_path), bindings)
+    launcher = SlurmLauncher(tasks_per_node=2, time_min=10, job_name="harness-test")
+    (out,) = launch_plan(plan_from_gin(text), text, tmp_path / "results", launcher, wait=False)
+    job_id, stage_dir = out["job_id"], Path(out["dir"])
+
+    wait_until(lambda: list((stage_dir / "checkpoints").glob("step_*.pt")) if (stage_dir / "checkpoints").is_dir()
+               else [], 180, "the first checkpoint", every=0.05)
+    assert stage_state(stage_dir, slurm_queue()).state == "running"
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1"
+               and scontrol_job(job_id).get("JobState") == "PENDING", 60, "the job to be requeued")
+    assert stage_state(stage_dir, slurm_queue()).state == "requeued"  # what `harness status` shows
+    stopped = _steps(stage_dir)[-1]
+    assert 5 <= stopped < steps, "the requeue came after training ended; the test cannot check a resume"
+    assert (stage_dir / "checkpoints" / f"step_{stopped:07d}.pt").is_file()  # saved on the way out
+
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+    wait_until(lambda: (stage_dir / "DONE").is_file(), 240, "the requeued job to finish")
+    assert _steps(stage_dir) == list(range(1, steps + 1))  # every step once: nothing lost, nothing repeated
+    resumed = re.compile(r"resumed stage scratch from \S+/step_(\d+)\.pt \(step (\d+)\)")
+    for rank, log in enumerate(task_logs(stage_dir, 2)):
+        assert log.count(f"rank {rank} of 2") == 2, log  # started, requeued, started again
+        assert [tuple(map(int, m)) for m in resumed.findall(log)] == [(stopped, stopped)], log
+    assert_same_weights(final_weights(stage_dir), one_process_weights(text, tmp_path / "single"))

@@ -79,6 +79,31 @@ def still_in_queue(job: StageJob, queue: dict[str, QueueEntry] | None) -> SlurmS
                            index=info.get("array_index"))
 
 
+def log_folder(spec: SlurmLauncher, results_dir: str | Path) -> Path:
+    """submitit's folder for a job's files and logs (`%j`: one folder per job id)."""
+    return Path(spec.log_folder or Path(results_dir) / ".submitit") / "%j"
+
+
+def job_parameters(spec: SlurmLauncher, name: str, dependency: str | None) -> dict[str, Any]:
+    """Everything one submission asks SLURM for, as submitit SlurmExecutor parameters: the launcher's settings,
+    the job's name (`<job_name>-<stage>`, `<job_name>-level<d>` for an array) and its dependency. The one home of
+    that fact: `submit_to_slurm` submits with it and `harness run --dry-run` prints it (`sbatch_options`)."""
+    return {**spec.sbatch_parameters(), "job_name": f"{spec.job_name}-{name}", "dependency": dependency}
+
+
+def sbatch_options(params: dict[str, Any], folder: str | Path, array_size: int | None = None) -> list[str]:
+    """The `#SBATCH` options (without the prefix) and the setup lines submitit writes for `params`, in its order.
+
+    Rendered by submitit's own sbatch writer, so the dry run shows what the submission will send.
+    """
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    text = _make_sbatch_string(command="<the stage>", folder=str(folder), map_count=array_size, **params)
+    lines = text.splitlines()
+    options = [line.removeprefix("#SBATCH ").strip() for line in lines if line.startswith("#SBATCH ")]
+    return options + [f"setup: {line}" for line in params.get("setup") or []]
+
+
 def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str | Path, arrays: bool,
                     queue: dict[str, QueueEntry] | None) -> list[SlurmSubmission]:
     """Submit every unfinished stage (parents first); returns one submission per stage, new or earlier."""
@@ -86,10 +111,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
 
     from harness.launch.worker import run_stage_job
 
-    folder = Path(spec.log_folder or Path(results_dir) / ".submitit")
-    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=spec.max_requeues)
-    base = spec.sbatch_parameters()
-    base.pop("job_name")
+    executor = submitit.SlurmExecutor(folder=log_folder(spec, results_dir), max_num_timeout=spec.max_requeues)
     submitted: dict[str, SlurmSubmission] = {}
     todo = [job for job in jobs if not job.done]
     for depth in sorted({job.depth for job in todo}):
@@ -109,7 +131,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
         if arrays and len(level) > 1:
             level = order_level(level, submitted)
             dependency = level_dependency(level, submitted)
-            executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-level{depth}")
+            executor.update_parameters(**job_parameters(spec, f"level{depth}", dependency))
             with refused_by_sbatch(spec, f"the level-{depth} job array ({len(level)} stages)"), executor.batch():
                 handles = [executor.submit(run_stage_job, *args(job)) for job in level]
             for index, (job, handle) in enumerate(zip(level, handles)):
@@ -119,7 +141,7 @@ def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str 
             for job in level:
                 parent = submitted.get(job.parent) if job.parent else None
                 dependency = f"afterok:{parent.job_id}" if parent is not None else None
-                executor.update_parameters(**base, dependency=dependency, job_name=f"{spec.job_name}-{job.name}")
+                executor.update_parameters(**job_parameters(spec, job.name, dependency))
                 with refused_by_sbatch(spec, f"stage {job.name} ({job.stage_id[:8]})"):
                     handle = executor.submit(run_stage_job, *args(job))
                 submitted[job.stage_id] = SlurmSubmission(job, str(handle.job_id), handle=handle,

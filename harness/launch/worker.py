@@ -73,12 +73,30 @@ def stop_on_signals(flag: StopFlag, signals: tuple[str, ...] = ("SIGUSR2", "SIGT
             signal.signal(signum, handler)
 
 
+def rendezvous_variables() -> dict[str, str]:
+    """torch.distributed's env:// variables for this task of a submitit job (SLURM or local), from its environment.
+
+    On SLURM (submitit's SlurmJobEnvironment): RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID, WORLD_SIZE =
+    SLURM_NTASKS (nodes x tasks per node), LOCAL_WORLD_SIZE = WORLD_SIZE / SLURM_JOB_NUM_NODES, MASTER_ADDR = the
+    first host of SLURM_JOB_NODELIST (rank 0 runs there), MASTER_PORT = $MASTER_PORT when set, else a port in
+    20000-60000 drawn from the job id: the same on every node, and again after a requeue. Locally the same from
+    submitit's SUBMITIT_LOCAL_* variables, with this host as MASTER_ADDR.
+    """
+    import submitit
+
+    env = submitit.helpers.TorchDistributedEnvironment()
+    return {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size)}
+
+
 @contextlib.contextmanager
 def distributed_from_env() -> Iterator[tuple[int, int]]:
     """Initialise torch.distributed when the job has several tasks; yields (rank, world_size).
 
-    Inside a submitit job (SLURM or local) with several tasks, submitit's TorchDistributedEnvironment exports
-    the rendezvous variables; under `torchrun` they are already set. A single task initialises nothing.
+    Inside a submitit job (SLURM or local) with several tasks, `rendezvous_variables` are exported (every task
+    sees all of its node's GPUs and takes the one of its local rank); under `torchrun` they are already set. A
+    single task initialises nothing.
     """
     import torch
     import torch.distributed as dist
@@ -87,7 +105,7 @@ def distributed_from_env() -> Iterator[tuple[int, int]]:
         import submitit
 
         if submitit.JobEnvironment().num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            os.environ.update(rendezvous_variables())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -130,12 +148,37 @@ def _mark_failed(gin_text: str, stage_id: str, results_dir: str, err: Exception)
         log.debug("could not write FAILED for stage %s", stage_id, exc_info=True)
 
 
+@contextlib.contextmanager
+def job_logging(rank: int, world_size: int) -> Iterator[None]:
+    """In a submitit job, the harness's log records at INFO and above go to the task's stderr (its job log), each
+    with its rank: what every rank did (e.g. `resumed stage ... (step N)`) can be read there. Elsewhere (an inline
+    run) nothing changes."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        yield
+        return
+    logger = logging.getLogger("harness")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s harness rank {rank}/{world_size} %(levelname)s "
+                                           "%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def run_stage_job(gin_text: str, stage_id: str, results_dir: str, max_requeues: int = 3) -> dict[str, Any]:
     """The job body: run (or resume) one stage; on SLURM, requeue it when stopped near its time limit."""
     from harness.stage import run_stage
 
     flag = StopFlag()
-    with stop_on_signals(flag), distributed_from_env() as (rank, _world):
+    with stop_on_signals(flag), distributed_from_env() as (rank, world), job_logging(rank, world):
+        if world > 1:
+            log.info("stage %s: rank %d of %d (local rank %s), rendezvous at %s:%s", stage_id, rank, world,
+                     os.environ.get("LOCAL_RANK"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
         try:
             result = run_stage(gin_text, stage_id, results_dir, stop_event=flag)
         except Exception as err:
