@@ -18,13 +18,14 @@ import torch
 
 from harness.errors import HarnessError
 from harness.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from harness.run_folder import step_name
 
 log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
-    return Path(folder) / f"step_{step:07d}.pt"
+    return Path(folder) / step_name(step, ".pt")
 
 
 def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:

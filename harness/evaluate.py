@@ -38,7 +38,7 @@ import gin
 from harness.errors import HarnessError
 from harness.fileio import append_jsonl, atomic_write_bytes, atomic_write_text
 from harness.inception import cache_dir, weights_id, weights_path
-from harness.run_folder import EVAL_FEATURES_DIR, EVAL_FILE, EVAL_SAMPLES_DIR
+from harness.run_folder import EVAL_FEATURES_DIR, EVAL_FILE, EVAL_SAMPLES_DIR, step_name
 
 if TYPE_CHECKING:  # torch is imported where images are written or scored: an EvalConfig in a plan does not need it
     import torch
@@ -632,7 +632,7 @@ def noise_floor(data_cfg, reference: Reference, metrics, n_generated: int, kid_s
 
 def features_path(run_dir: str | os.PathLike, step: int) -> Path:
     """Where an evaluation's generated-sample features go: <stage_dir>/eval_features/step_XXXXXXX.npy."""
-    return Path(run_dir) / EVAL_FEATURES_DIR / f"step_{int(step):07d}.npy"
+    return Path(run_dir) / EVAL_FEATURES_DIR / step_name(step, ".npy")
 
 
 def write_features(path: Path, features) -> None:
@@ -654,7 +654,7 @@ def _samples_folder(run_dir: Path, step: int, keep: bool) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="maskdm-samples-") as tmp:
             yield Path(tmp)
         return
-    final = run_dir / EVAL_SAMPLES_DIR / f"step_{step:07d}"
+    final = run_dir / EVAL_SAMPLES_DIR / step_name(step)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the component specs; imported for real inside Stage.__post_
     from harness.data import DataConfig
     from harness.diffusion import DiffusionConfig
     from harness.evaluate import EvalConfig
-    from harness.masks import Mask
+    from harness.masks import Mask, RatioSchedule
     from harness.models.config import UViTConfig
     from harness.models.dit_config import DiTConfig
 
@@ -93,7 +93,7 @@ class Stage:
     # Fields added later (docs/fidelity.md): left out of stage descriptions while at their defaults, so that
     # existing stage ids do not move; the defaults are the harness's behaviour before they existed.
     # 'ratio': min(ema_decay, (1 + s) / (10 + s)); 'ema_pytorch': copy the weights for the first 100 steps, then
-    # min(ema_decay, 1 - (s - 99) ** (-2/3)) (MaskDM's ema-pytorch defaults; train.ema_decay_at)
+    # min(ema_decay, 1 - (s - 99) ** (-2/3)) (MaskDM's ema-pytorch defaults; update.ema_decay_at)
     ema_warmup_rule: str = field(default="ratio", metadata={"added_later": True})
     # which parameters AdamW does not decay: 'vectors_and_embeddings' (biases, norms, position and class
     # embeddings) | 'none' (every parameter decayed, as MaskDM)
@@ -102,7 +102,7 @@ class Stage:
     lr_schedule: str = field(default="constant", metadata={"added_later": True})
     # the mask ratio as a function of the step: a masks.RatioSchedule (None: the mask's own, fixed ratio); the mask
     # then takes the ratio of step 0 (what the description and the plan show) and each step's in turn
-    mask_schedule: Any = field(default=None, metadata={"added_later": True})
+    mask_schedule: RatioSchedule | None = field(default=None, metadata={"added_later": True})
     # TensorBoard event files in the stage folder (harness/tensorboard_events.py); a run option, not in the id
     tensorboard: bool = field(default=False, metadata={"added_later": True})
 
@@ -262,7 +262,8 @@ class PlannedStage:
         return {
             "id": self.id, "name": self.name, "parent": self.parent, "arms": self.arms, "dir": self.dir,
             "depth": self.depth, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "seed": s.seed,
-            "mask": s.mask.name, "mask_ratio": s.mask.actual_ratio(s.model.grid),
+            "mask": s.mask.name, "mask_ratio": s.mask.actual_ratio(s.model.grid) if s.mask_schedule is None
+            else s.mask_schedule.mean_actual_ratio(s.mask, s.model.grid, s.steps),  # a schedule: its mean
             "model": _plain(s.model), "data": _plain(s.data),
             # everything else that the stage trains with: the report pools seeds only where all of it agrees
             "config": {k: v for k, v in s.describe().items() if k not in ("type", "name", "seed", *RUN_OPTIONS)},

@@ -334,6 +334,14 @@ class RatioSchedule:
             raise HarnessError(f"RatioSchedule.milestones = {self.milestones} go past the stage's last step "
                                f"({stage_steps - 1}): a milestone there changes nothing; drop it")
 
+    def mean_actual_ratio(self, mask: Mask, grid: int, stage_steps: int, points: int = 20_000) -> float:
+        """The mean of the ratio the stage's steps actually mask (after rounding), over every step, or over
+        `points` evenly spaced steps of a longer stage: what the plan and the report call the stage's ratio."""
+        steps = range(stage_steps) if stage_steps <= points else (
+            round(i * (stage_steps - 1) / (points - 1)) for i in range(points))
+        ratios = [self.mask_at(mask, s, stage_steps).actual_ratio(grid) for s in steps]
+        return sum(ratios) / len(ratios)
+
     def describe(self, stage_steps: int) -> dict:
         """Plain data for cost.json: the parameters, `end_step` resolved for linear and cosine."""
         out = dataclasses.asdict(self)

@@ -130,11 +130,13 @@ def _stage_cost_at(step: int, row: dict[str, Any], info: dict[str, Any], cost: d
     out = {k: float(row[k]) for k in COST_KEYS if _is_number(row.get(k))}
     if cost is not None and cost.get("steps") == step:  # the stage's final numbers
         out = {**{k: float(cost[k]) for k in COST_KEYS if _is_number(cost.get(k))}, **out}
-    # images and FLOPs grow exactly linearly with the step; tokens too (every mask drops the same count)
+    # images grow exactly linearly with the step; FLOPs and tokens too, when every step masks the same count
+    # (under a mask-ratio schedule they do not: left unknown between the rows that record them)
     out.setdefault("images_seen", float(step * info.get("batch_size", math.nan)))
-    if cost is not None and _is_number(cost.get("flops_per_step")) and cost["flops_per_step"] > 0:
+    fixed_mask = cost is not None and not cost.get("mask_schedule")
+    if fixed_mask and _is_number(cost.get("flops_per_step")) and cost["flops_per_step"] > 0:
         out.setdefault("train_flops", float(step * cost["flops_per_step"]))
-    if cost is not None and cost.get("images_seen"):
+    if fixed_mask and cost.get("images_seen"):
         out.setdefault("tokens_seen", out["images_seen"] * cost["tokens_seen"] / cost["images_seen"])
     return {k: out.get(k, math.nan) for k in COST_KEYS}
 

@@ -36,6 +36,12 @@ FAILED_MARKER = "FAILED"  # the error of a failed stage; removed when a retry st
 LOCK_FILE = ".lock"  # held (flock) by the process training the stage
 
 
+def step_name(step: int, suffix: str = "") -> str:
+    """The name of a step's file in a run folder: step_0001000.pt, samples/step_0001000.png, ... (7 digits, so
+    that names sort as steps do)."""
+    return f"step_{int(step):07d}{suffix}"
+
+
 def stage_status(stage_dir: Path) -> str:
     """A stage's state from its files alone: done (DONE) | failed (FAILED) | running (training rows, not
     finished) | pending. `harness status` refines it with the job and the queue (launch/state.py); the records

@@ -21,6 +21,7 @@ from harness.config import operative_config
 from harness.errors import HarnessError
 from harness.experiment import Plan, PlannedStage, plan_from_gin
 from harness.fileio import atomic_write_text, exclusive_lock
+from harness.ranks import from_rank0, rank_and_world_size
 from harness.run_folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -109,19 +110,6 @@ def _write_stage_files(plan: Plan, planned: PlannedStage, run_dir: Path, gin_tex
     atomic_write_text(run_dir / CONFIG_FILE, operative_config())  # rewritten at the end, when complete
 
 
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's `value` on every rank (the value itself when not distributed): rank 0 alone holds the stage's
-    lock and reads its folder, and every rank must take the same way (the others would otherwise wait in DDP's
-    set-up for a rank 0 that has gone home, until the 6 h process-group timeout)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _data_change(data: Any, manifest_path: Path) -> str | None:
     """Why a stage must not resume on its data, or None: the image list differs from the one it started with.
 
@@ -145,7 +133,7 @@ def _data_change(data: Any, manifest_path: Path) -> str | None:
 
 def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event: Any = None) -> dict[str, Any]:
     """Train (or resume) one stage of the plan in `gin_text`; returns {"status": done|preempted|skipped, ...}."""
-    from harness.train import TrainContext, Trainer, rank_and_world_size
+    from harness.train import TrainContext, Trainer
 
     results_dir = Path(results_dir)
     plan = plan_from_gin(gin_text)
@@ -156,7 +144,7 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     run_dir = plan.stage_dir(results_dir, stage_id)
     summary = {"stage_id": stage_id, "name": spec.name, "dir": str(run_dir)}
     rank, world_size = rank_and_world_size()
-    if _from_rank0((run_dir / DONE_MARKER).is_file()):
+    if from_rank0((run_dir / DONE_MARKER).is_file()):
         return {**summary, "status": "skipped"}
 
     is_main = rank == 0
@@ -171,11 +159,11 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
     lock = (exclusive_lock(run_dir / LOCK_FILE, f"stage {spec.name}: {run_dir} is in use by another process; "
                            "waiting for it to finish") if is_main else contextlib.nullcontext())
     with lock:
-        if _from_rank0((run_dir / DONE_MARKER).is_file()):
+        if from_rank0((run_dir / DONE_MARKER).is_file()):
             return {**summary, "status": "skipped"}
-        resuming = _from_rank0(is_main and newest_valid_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
+        resuming = from_rank0(is_main and newest_valid_checkpoint(run_dir / CHECKPOINTS_DIR) is not None)
         manifest = run_dir / DATA_MANIFEST_FILE
-        problem = _from_rank0(_data_change(spec.data, manifest) if is_main and resuming else None)
+        problem = from_rank0(_data_change(spec.data, manifest) if is_main and resuming else None)
         if problem:
             raise HarnessError(problem)  # before anything in the folder is rewritten
         # A stage resuming from its own checkpoint needs nothing from its parent (whose files may be gone by now).
@@ -199,8 +187,8 @@ def run_stage(gin_text: str, stage_id: str, results_dir: str | Path, stop_event:
             # every rank samples its share; rank 0 gathers the features, scores, writes (usage/evaluation.md)
             ranks = dict(rank=rank, world_size=world_size) if world_size > 1 else {}
 
-            def evaluate(ema, diffusion, step: int, cost: dict) -> None:
-                evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost, **ranks)
+            def evaluate(ema, diffusion, step: int, cost: dict) -> dict:
+                return evaluate_stage(ema, diffusion, spec.data, spec.eval, step, run_dir, device, extra=cost, **ranks)
 
         ctx = TrainContext(spec=spec, stage_id=stage_id, run_dir=run_dir, device=device, init_weights=init_weights,
                            init_source=init_source, stop_event=stop_event, rank=rank, world_size=world_size)

@@ -32,9 +32,13 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardEvents:
-    """A SummaryWriter for one stage folder; every method is a no-op when `enabled` is False."""
+    """A SummaryWriter for one stage folder; every method is a no-op when `enabled` is False or `write` is False.
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0) -> None:
+    Every rank of a stage constructs one with the same `enabled`, so that a missing package stops every rank
+    alike (not rank 0 alone, leaving the others waiting in a collective); only the main rank writes.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0, write: bool = True) -> None:
         self.writer = None
         if not enabled:
             return
@@ -43,9 +47,10 @@ class TensorBoardEvents:
         except ImportError:
             raise HarnessError("Stage.tensorboard = True needs the tensorboard package: pip install -e "
                                "'.[tensorboard]' (or pip install tensorboard), or leave TensorBoard off") from None
-        # purge_step drops events at and after it: those of the steps a resumed stage is about to redo
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / EVENTS_DIR),
-                                    purge_step=resume_step + 1 if resume_step else None)
+        if write:
+            # purge_step drops the events at and after it: those of the steps the stage is about to (re)do,
+            # all of them when it starts over from step 0
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / EVENTS_DIR), purge_step=resume_step + 1)
 
     def training(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row (at a log step)."""

@@ -37,15 +37,16 @@ from harness.errors import HarnessError
 from harness.experiment import Stage
 from harness.fileio import append_jsonl, read_jsonl, rewrite_jsonl
 from harness.patches import visible_indices
-from harness.run_folder import CHECKPOINTS_DIR, EVAL_FILE, METRICS_FILE, SAMPLES_DIR
+from harness.ranks import from_rank0
+from harness.run_folder import CHECKPOINTS_DIR, EVAL_FILE, METRICS_FILE, SAMPLES_DIR, step_name
 from harness.tensorboard_events import TensorBoardEvents
 from harness.update import NonFiniteLoss, UpdateRule
 
 log = logging.getLogger(__name__)
 
-# evaluate(ema_model, diffusion, step, cost_snapshot) -> None; called on every rank at the same steps (each samples
-# its share, rank 0 scores and writes: harness/evaluate.py)
-EvaluateFn = Callable[[nn.Module, Any, int, dict], None]
+# evaluate(ema_model, diffusion, step, cost_snapshot) -> the eval.jsonl row written (or None); called on every rank
+# at the same steps (each samples its share, rank 0 scores and writes: harness/evaluate.py)
+EvaluateFn = Callable[[nn.Module, Any, int, dict], "dict | None"]
 
 
 @dataclass
@@ -115,8 +116,8 @@ class Trainer:
             log.warning("stage %s: %s", spec.name, report)  # loudly, on purpose
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.autocast_dtype = autocast_dtype(spec.precision, device)
-        check_attention_kernel(spec.attention, device, self.autocast_dtype,
-                               spec.model.embed_dim // spec.model.num_heads)
+        for head_dim in sorted(spec.model.attention_head_dims()):  # the encoder's, and a decoder's
+            check_attention_kernel(spec.attention, device, self.autocast_dtype, head_dim)
         self.ddp = ctx.world_size > 1  # (the compiled wrapper hides the DDP module's type, hence a flag)
         # What the step calls (the model, wrapped for DDP and/or compiled) and what evaluation and sample grids
         # call (the EMA model in the stage's precision, maybe compiled). The wrappers share the parameters of
@@ -125,9 +126,9 @@ class Trainer:
         if spec.attention != "auto":
             self.net, ema_net = (WithAttentionKernel(m, spec.attention) for m in (self.net, ema_net))
         if self.ddp:
-            # No buffer sync at each forward: the model's only buffer (the ViT decoder's fixed position embedding)
-            # is seeded alike on every rank and never changes. torch >= 2.13 names that `forward_sync_buffers`
-            # and warns (FutureWarning, on every rank) on the older `broadcast_buffers`.
+            # No buffer sync at each forward: the models' buffers (fixed sin-cos position embeddings: the U-ViT
+            # decoder's, the DiT's) are computed alike on every rank and never change. torch >= 2.13 names that
+            # `forward_sync_buffers` and warns (FutureWarning, on every rank) on the older `broadcast_buffers`.
             import inspect
 
             no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
@@ -135,9 +136,13 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
         if spec.compile != "off":  # a mask hides a fixed count of patches: static shapes, except under a ratio
-            # schedule, where each new count of visible patches compiles again (and records another CUDA graph)
+            # schedule, where the second count makes torch.compile recompile with a dynamic token dimension
             log.info("stage %s: torch.compile (mode %s); the first steps and the first sampling batch compile",
                      spec.name, spec.compile)
+            if spec.compile == "reduce-overhead" and spec.mask_schedule is not None:
+                log.warning("stage %s: compile 'reduce-overhead' under a mask-ratio schedule records a CUDA graph "
+                            "per count of visible patches (up to one per step of a linear schedule); 'default' "
+                            "avoids that", spec.name)
             self.net = torch.compile(self.net, mode=spec.compile)
             ema_net = torch.compile(ema_net, mode=spec.compile)  # (with its attention-kernel wrapper)
         # Sampling (evaluation and sample grids) in the stage's autocast, or in float32 when the stage's
@@ -244,8 +249,7 @@ class Trainer:
                 self.update.backward(loss / n_micro)
             total += loss.detach() / n_micro
             if terms is not None:
-                zero = torch.zeros((), device=device)  # (a mask that hides nothing has no reconstruction term)
-                terms += torch.stack([out["loss_denoise"], out.get("loss_mae", zero)]).detach() / n_micro
+                terms += torch.stack([out["loss_denoise"], out["loss_mae"]]).detach() / n_micro
         if self.ddp:  # the whole batch's loss: every rank then takes the same decision (and logs it)
             dist.all_reduce(total)
             total /= self.ctx.world_size
@@ -303,7 +307,7 @@ class Trainer:
     def run(self) -> str:
         """Train to `spec.steps`; returns 'done', or 'preempted' when the stop event was set."""
         self.resume()
-        self.events = TensorBoardEvents(self.ctx.run_dir, self.spec.tensorboard and self.ctx.is_main, self.step)
+        self.events = TensorBoardEvents(self.ctx.run_dir, self.spec.tensorboard, self.step, write=self.ctx.is_main)
         try:
             return self._train_from_here()
         finally:
@@ -315,13 +319,13 @@ class Trainer:
             self._measure_cost_per_step()
         # Rank 0's view for every rank (it alone writes and trims eval.jsonl, and on several nodes the others may
         # not see the file): every rank must take part in the same evaluations.
-        evaluated = self._from_rank0({int(r["step"]) for r in read_jsonl(ctx.run_dir / EVAL_FILE) if "step" in r}
+        evaluated = from_rank0({int(r["step"]) for r in read_jsonl(ctx.run_dir / EVAL_FILE) if "step" in r}
                                      if ctx.is_main else None)
         eval_steps = set(getattr(spec.eval, "steps", ()) or ()) if spec.eval is not None else set()
         # A run stopped while sampling or scoring right after a checkpoint resumes at that step, past the loop's
         # checks for it: do the grid and the evaluation that step owes before going on.
         if 0 < self.step < spec.steps:
-            grid = ctx.run_dir / SAMPLES_DIR / f"step_{self.step:07d}.png"
+            grid = ctx.run_dir / SAMPLES_DIR / step_name(self.step, ".png")
             if spec.sample_every and self.step % spec.sample_every == 0 and not grid.is_file():
                 self.write_sample_grid()
             if self.step in eval_steps and self.step not in evaluated:
@@ -369,14 +373,6 @@ class Trainer:
             self._evaluate()
         return "done"
 
-    def _from_rank0(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (itself when training alone)."""
-        if not self.ddp:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def _measure_cost_per_step(self) -> None:
         """FLOPs of one global training step (every rank's batch) and the tokens per image in the blocks; under a
         mask-ratio schedule also those of each visible count the remaining steps will have and the meter does not
@@ -396,11 +392,9 @@ class Trainer:
         # the row says in which precision its samples were drawn (bf16 on a GPU by default)
         extra = {**self.cost.snapshot(), "sample_precision": dtype_name(self.sample_dtype)}
         with self.cost.evaluating():
-            self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
-        if self.ctx.is_main and self.events.writer is not None:  # the row just written, for TensorBoard
-            rows = [r for r in read_jsonl(self.ctx.run_dir / EVAL_FILE) if r.get("step") == self.step]
-            if rows:
-                self.events.evaluation(rows[-1])
+            row = self.evaluate(self.sampling_net, self.diffusion, self.step, extra)
+        if isinstance(row, dict):
+            self.events.evaluation(row)  # (written by the main rank only)
 
     @torch.no_grad()
     def write_sample_grid(self) -> None:
@@ -424,7 +418,7 @@ class Trainer:
         self.events.image_grid(self.step, grid)
         buffer = io.BytesIO()
         save_image(grid, buffer, format="png")
-        atomic_write_bytes(self.ctx.run_dir / SAMPLES_DIR / f"step_{self.step:07d}.png", buffer.getvalue())
+        atomic_write_bytes(self.ctx.run_dir / SAMPLES_DIR / step_name(self.step, ".png"), buffer.getvalue())
 
 
 class _Progress:
@@ -464,10 +458,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of an initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

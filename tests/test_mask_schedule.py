@@ -268,3 +268,32 @@ def test_the_bench_compares_a_scheduled_stage_with_its_unmasked_twin(curriculum)
     _, plan, pre, _ = curriculum
     twin = unmasked_twin(plan.stages[pre].spec)
     assert twin.mask == NoMask() and twin.mask_schedule is None
+
+
+def test_the_plan_and_the_records_call_a_scheduled_stage_by_its_mean_ratio(curriculum):
+    """The plan (and so records.csv and the report's labels) gives a scheduled stage the mean ratio its steps
+    actually mask, the mean cost.json records after the run; not the ratio of step 0."""
+    from harness.results import collect
+
+    _, plan, pre, folder = curriculum
+    assert plan.stages[pre].summary()["mask_ratio"] == pytest.approx(sum(MASKED) / 64 / 8)
+    assert json.loads((folder / "cost.json").read_text())["mask_ratio"] == pytest.approx(sum(MASKED) / 64 / 8)
+    results = folder.parent.parent.parent  # <results>/<experiment>/<arm>/<stage folder>
+    plan.write(results)  # the records read plan.json
+    records = collect(results / plan.experiment)
+    loss = records[(records.stage_id == pre) & (records.metric == "loss")].sort_values("step")
+    assert list(loss.step) == [8] and loss.train_flops.iloc[0] == pytest.approx(
+        json.loads((folder / "cost.json").read_text())["train_flops"])
+
+
+def test_the_cost_of_a_row_between_records_is_not_extrapolated_under_a_schedule():
+    """A running stage's last loss row has no cost of its own: with a fixed mask it is the step count times the
+    step's cost; under a schedule each step has its own, so it stays unknown."""
+    from harness.results import _stage_cost_at
+
+    cost = {"steps": 8, "flops_per_step": 100, "images_seen": 64, "tokens_seen": 640}
+    fixed = _stage_cost_at(4, {}, {"batch_size": 8}, cost)
+    assert (fixed["train_flops"], fixed["tokens_seen"], fixed["images_seen"]) == (400, 320, 32)
+    scheduled = _stage_cost_at(4, {}, {"batch_size": 8}, {**cost, "mask_schedule": {"kind": "linear"}})
+    assert math.isnan(scheduled["train_flops"]) and math.isnan(scheduled["tokens_seen"])
+    assert scheduled["images_seen"] == 32

@@ -133,7 +133,8 @@ def test_reference_layout_initialisation_and_parameter_count():
 
 @pytest.mark.parametrize("overrides, words", [({"decoder_depth": -1}, "decoder_depth"),
                                               ({"decoder_embed_dim": 30, "decoder_heads": 3}, "multiple of 4"),
-                                              ({"decoder_embed_dim": 48, "decoder_heads": 5}, "decoder_heads")])
+                                              ({"decoder_embed_dim": 48, "decoder_heads": 5}, "decoder_heads"),
+                                              ({"decoder_depth": 0, "decoder_heads": 4}, "does not have")])
 def test_bad_decoder_config(overrides, words):
     with pytest.raises(HarnessError, match=words):
         DiTConfig(**{**TINY, **overrides})

@@ -94,3 +94,27 @@ def test_harness_run_tensorboard_switches_it_on(tiny_recipe, tmp_path):
                      "--results-dir", str(results)]) == 0
     (events,) = results.rglob(EVENTS_DIR)
     assert [e.step for e in _events(events.parent).Scalars("train/loss")] == [2]
+
+
+def test_a_stage_started_over_from_step_0_drops_its_old_events(tmp_path):
+    """A crash before the first checkpoint restarts the stage at step 0: its rows are dropped, so are its events."""
+    first = TensorBoardEvents(tmp_path, enabled=True)
+    for step in (2, 4):
+        first.training({"step": step, "loss": 1.0})
+    first.close()
+    again = TensorBoardEvents(tmp_path, enabled=True, resume_step=0)
+    again.training({"step": 2, "loss": 0.5})
+    again.close()
+    assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/loss")] == [(2, 0.5)]
+
+
+def test_a_missing_package_stops_every_rank_not_only_the_writer(tmp_path, monkeypatch):
+    import sys
+
+    from harness.errors import HarnessError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    for write in (True, False):  # rank 0, another rank
+        with pytest.raises(HarnessError, match="needs the tensorboard package"):
+            TensorBoardEvents(tmp_path, enabled=True, write=write)
+    TensorBoardEvents(tmp_path, enabled=False)  # off: nothing to import

@@ -79,6 +79,11 @@ class UViTConfig:
     def patch_dim(self) -> int:
         return self.patch_size**2 * self.in_chans
 
+    def attention_head_dims(self) -> set[int]:
+        """The widths of the network's attention heads (the encoder's, and the ViT decoder's when it has one)."""
+        dims = {self.embed_dim // self.num_heads}
+        return dims | {self.decoder_embed_dim // self.decoder_heads} if self.decoder_depth else dims
+
     def num_params(self) -> int:
         """Parameter count, computed from the sizes alone (equals the built module's count)."""
         d, blocks = self.embed_dim, 2 * (self.depth // 2) + 1

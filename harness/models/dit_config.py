@@ -72,6 +72,9 @@ class DiTConfig:
         for key in ("decoder_depth", "decoder_embed_dim", "decoder_heads"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise HarnessError(f"DiTConfig.{key} must be an integer, 0 or more, got {getattr(self, key)!r}")
+        if not self.decoder_depth and (self.decoder_embed_dim or self.decoder_heads):
+            raise HarnessError("DiTConfig.decoder_embed_dim / decoder_heads size a decoder the model does not have "
+                               "(decoder_depth = 0): set decoder_depth, or leave them at 0")
         if self.decoder_depth:
             dd, heads = self.decoder_dim, self.decoder_num_heads
             if dd % 4:
@@ -111,6 +114,11 @@ class DiTConfig:
     def decoder_num_heads(self) -> int:
         """The decoder's heads: decoder_heads, or the encoder's (num_heads) when that is 0."""
         return self.decoder_heads or self.num_heads
+
+    def attention_head_dims(self) -> set[int]:
+        """The widths of the network's attention heads (the encoder's, and the decoder's when it has one)."""
+        dims = {self.embed_dim // self.num_heads}
+        return dims | {self.decoder_dim // self.decoder_num_heads} if self.decoder_depth else dims
 
     @property
     def predicts_all_patches(self) -> bool:
