@@ -25,7 +25,8 @@ visible rows as denoising and the masked rows as MaskDiT's reconstruction (harne
 the decoder runs over the full sequence as well (no mask tokens), so both stages share one architecture.
 
 Not included: learned sigma (the harness predicts eps, x0 or v with one output per pixel), classifier-free
-guidance and label dropout (training takes no labels), the VAE (this runs in pixel space).
+guidance and label dropout (training takes no labels), the VAE (latents are the data's business:
+`DataConfig.latent`, harness/latent.py).
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ network does not import this module at all.
 
 The sizes of Peebles & Xie (2023), facebookresearch/DiT models.py: S 384 wide / 12 blocks / 6 heads, B 768/12/12,
 L 1024/24/16, XL 1152/28/16, each with patch 2, 4 or 8 (`gin/backbones/dit_{s,b,l}.gin` bind the sizes; the recipe
-binds img_size and patch_size). Differences from that code: pixel space (any `in_chans`), one output per pixel (no
-learned sigma: the harness predicts eps, x0 or v), and the fixed sin-cos position embedding is a buffer, not a
-frozen parameter, so it is neither saved nor counted.
+binds img_size and patch_size). Differences from that code: pixels or latents (any `in_chans`;
+`DataConfig.latent`), one output per pixel (no learned sigma: the harness predicts eps, x0 or v), and the fixed
+sin-cos position embedding is a buffer, not a frozen parameter, so it is neither saved nor counted.
 
 `decoder_depth > 0` adds MaskDiT's decoder (Zheng et al. 2023, Anima-Lab/MaskDiT models/maskdit.py): the blocks
 above are the encoder, over the visible patches only; a conditioned linear map to the decoder's width, learned
