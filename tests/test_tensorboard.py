@@ -118,3 +118,17 @@ def test_a_missing_package_stops_every_rank_not_only_the_writer(tmp_path, monkey
         with pytest.raises(HarnessError, match="needs the tensorboard package"):
             TensorBoardEvents(tmp_path, enabled=True, write=write)
     TensorBoardEvents(tmp_path, enabled=False)  # off: nothing to import
+
+
+def test_the_quickstart_writes_events_when_asked(tmp_path):
+    """The README's quickstart with --tensorboard (shortened: 4 steps of the scratch arm, no evaluation)."""
+    from harness.cli import main as cli_main
+
+    results = tmp_path / "results"
+    assert cli_main(["run", "quickstart", "--stage", "scratch", "--tensorboard", "--no-report",
+                     "--results-dir", str(results), "--gin", "SCRATCH_STEPS = 4",
+                     "--gin", "scratch/Stage.eval = None", "--gin", "Stage.log_every = 2"]) == 0
+    (events,) = results.glob(f"quickstart/scratch/*/{EVENTS_DIR}")
+    acc = _events(events.parent)
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4]
+    assert [e.step for e in acc.Images("samples")] == [4]
