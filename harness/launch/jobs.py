@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-JOB_FILE = "job.json"
+from harness.run_folder import DONE_MARKER, JOB_FILE, STAGE_FILE
 
 
 @dataclass
@@ -64,7 +64,7 @@ def build_jobs(variants: list[Variant], results_dir: str | Path,
                 continue
             jobs[sid] = StageJob(stage_id=sid, name=planned.name, experiment=plan.experiment,
                                  gin_text=variant.gin_text, stage_dir=folder, depth=planned.depth,
-                                 parent=planned.parent, done=(folder / "DONE").is_file())
+                                 parent=planned.parent, done=(folder / DONE_MARKER).is_file())
     _reuse_finished_elsewhere(list(jobs.values()), Path(search_root) if search_root is not None else results_dir)
     for job in jobs.values():
         if job.parent is not None:
@@ -101,19 +101,19 @@ def finished_stage_folders(root: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # os.walk does not follow symlinks
-        if "stage.json" not in filenames:
+        if STAGE_FILE not in filenames:
             continue
         dirnames[:] = []  # nothing below a stage folder is another stage
         folder = Path(dirpath)
         stage_id = _stage_id_of(folder)
-        if stage_id and "DONE" in filenames:
+        if stage_id and DONE_MARKER in filenames:
             found.setdefault(stage_id, folder)
     return found
 
 
 def _stage_id_of(folder: Path) -> str | None:
     try:
-        info = json.loads((folder / "stage.json").read_text())
+        info = json.loads((folder / STAGE_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return info.get("id") if isinstance(info, dict) and isinstance(info.get("id"), str) else None
@@ -123,7 +123,7 @@ def _share(job: StageJob, folder: Path) -> None:
     """Another variant has the same stage in `folder`: prefer a folder that already finished it."""
     if folder == job.stage_dir or folder in job.links:
         return
-    if not job.done and (folder / "DONE").is_file() and not folder.is_symlink():
+    if not job.done and (folder / DONE_MARKER).is_file() and not folder.is_symlink():
         job.links.append(job.stage_dir)
         job.stage_dir, job.done = folder, True
     else:

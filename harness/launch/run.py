@@ -19,6 +19,7 @@ from harness.launch.jobs import StageJob, Variant, build_jobs, link_shared_folde
 from harness.launch.specs import InlineLauncher, LauncherSpec, LocalLauncher, SlurmLauncher
 from harness.launch.state import PARENT_FAILED, tail
 from harness.launch.watch import Watcher
+from harness.run_folder import DONE_MARKER, FAILED_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,9 @@ def _collect(job: StageJob, handle: Any) -> dict[str, Any]:
     try:
         out = handle.result()
     except Exception as err:  # submitit re-raises the job's exception as text
-        if (job.stage_dir / "DONE").is_file():  # finished, then something after it failed
+        if (job.stage_dir / DONE_MARKER).is_file():  # finished, then something after it failed
             return _result(job, "done", job_id)
-        detail = tail(job.stage_dir / "FAILED") or _first_lines(str(err), 12)
+        detail = tail(job.stage_dir / FAILED_MARKER) or _first_lines(str(err), 12)
         return _result(job, "failed", job_id, error=detail)
     return {**_result(job, out.get("status", "done"), job_id), **out, "job_id": job_id}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.launch.jobs import read_job_file
+from harness.run_folder import CHECKPOINTS_DIR, FAILED_MARKER, METRICS_FILE, stage_status
 
 # SLURM job states -> ours; any state not listed (COMPLETED without DONE, FAILED, CANCELLED, TIMEOUT, ...)
 # means the job is over without finishing the stage.
@@ -93,18 +94,19 @@ def stage_state(stage_dir: str | Path, queue: dict[str, QueueEntry] | None, log_
 
     stage_dir = Path(stage_dir)
     job = read_job_file(stage_dir)
-    rows = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "step" in r]
+    rows = [r for r in read_jsonl(stage_dir / METRICS_FILE) if "step" in r]
     last = rows[-1] if rows else {}
     out = StageState(state="pending", job_id=job.get("job_id"), launcher=job.get("launcher"),
                      step=last.get("step"), loss=last.get("loss"))
-    if (stage_dir / "DONE").is_file():
+    files = stage_status(stage_dir)  # the files' word: done | failed | running | pending
+    if files == "done":
         out.state = "done"
         return out
-    failed = stage_dir / "FAILED"
+    failed = stage_dir / FAILED_MARKER
     # FAILED is written by the worker as it fails and removed when a retry starts, so without SLURM (whose queue
     # may hold a requeued retry) it is the truth, even while the launching process (an inline run going on
     # with other arms, or an unrelated process that reused the pid) is alive.
-    if failed.is_file() and job.get("launcher") != "slurm":
+    if files == "failed" and job.get("launcher") != "slurm":
         out.state, out.log_tail = "failed", tail(failed, log_lines)
         return out
     if not job:
@@ -116,7 +118,7 @@ def stage_state(stage_dir: str | Path, queue: dict[str, QueueEntry] | None, log_
 
 
 def _has_checkpoint(stage_dir: Path) -> bool:
-    return any((stage_dir / "checkpoints").glob("step_*.pt"))
+    return any((stage_dir / CHECKPOINTS_DIR).glob("step_*.pt"))
 
 
 def _job_state(job: dict, queue: dict[str, QueueEntry] | None, has_progress: bool) -> tuple[str, str]:
