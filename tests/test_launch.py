@@ -106,7 +106,9 @@ def test_sweep_dry_run_of_100_points_shows_the_arrays(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "100 sweep points" in out and "201 distinct stages: 201 to run, 0 already done" in out
-    assert out.count("aftercorr:<level0>") == 100
+    assert out.count("aftercorr:<level0>") == 100 + 1  # the table's rows, and the level-1 array's sbatch options
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("  level ")] == [
+        "  level 0 array[101]", "  level 1 array[100]"]
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
@@ -537,6 +539,61 @@ def test_dry_run_prints_the_sbatch_options_each_stage_will_get(tmp_path, monkeyp
     submitted = [line.removeprefix("#SBATCH ") for line in written[0].splitlines() if line.startswith("#SBATCH")]
     first = next(line for line in out.splitlines() if line.startswith("  fast/"))
     previewed = every.removeprefix("every job: sbatch ").split() + first.split(": ", 1)[1].split()
+    assert sorted(submitted) == sorted(previewed)
+
+
+def test_sweep_dry_run_prints_the_sbatch_options_of_each_array(tmp_path, monkeypatch, capsys):
+    """`harness sweep --launcher slurm --dry-run` printed the arrays but not their sbatch options, which
+    `harness run --dry-run` prints: now each submission's (a level's job array, or a level's one stage), from
+    `job_parameters` as the submission's, equal to the #SBATCH lines submitit writes for the first array."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here: a dry run needs none
+    recipe = write_fast_recipe(tmp_path)
+    results = tmp_path / "r"
+    profile = ["SlurmLauncher.partition = 'gpu'", "SlurmLauncher.time_min = 90", "SlurmLauncher.gpus_per_node = 2",
+               "SlurmLauncher.array_parallelism = 1", "SlurmLauncher.extra_sbatch = ['--reservation=abc']",
+               "SlurmLauncher.setup = ['module load cuda/12.1']"]
+    args = ["sweep", str(recipe), "--grid", "MASK_RATIO=[0.5,0.75]", "--launcher", "slurm", "--results-dir",
+            str(results), *[arg for b in profile for arg in ("--gin", b)]]
+    assert harness_main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not results.exists()  # nothing written, nothing submitted
+    assert "2 submission(s) (2 job array(s), 0 single job(s)), each stage 1 node(s) x 2 task(s)" in out
+    every = " ".join(line.strip() for line in out[out.index("every job: sbatch"):].split("\n  setup")[0].splitlines())
+    for option in ("--partition=gpu", "--time=90", "--gpus-per-node=2", "--ntasks-per-node=2", "--reservation=abc",
+                   "--requeue", "--kill-on-invalid-dep=yes"):
+        assert option in every.split(), option
+    (output,) = [option for option in every.split() if option.startswith("--output=")]  # in the sweep's folder
+    assert output.startswith(f"--output={results}/fast-sweep-") and output.endswith("/.submitit/%A_%a/%A_%a_0_log.out")
+    assert "  setup: module load cuda/12.1\n" in out
+    levels = [line for line in out.splitlines() if line.startswith("  level ")]
+    assert levels == ["  level 0 array[3]: --array=0-2%1 --job-name=harness-level0",
+                      "  level 1 array[2]: --array=0-1%1 --dependency='aftercorr:<level0>' --job-name=harness-level1"]
+    # a level of one stage is one job, named by its stage
+    assert harness_main(["sweep", str(recipe), "--grid", "MASK_RATIO=[0.5]", "--launcher", "slurm", "--dry-run",
+                         "--results-dir", str(results)]) == 0
+    one = " ".join(capsys.readouterr().out.split())
+    assert "(1 job array(s), 1 single job(s))" in one
+    array, job = one.split(" level 0 array[2]: ")[1].split(" level 1 fast-mask_ratio=0.5/finetune (")
+    assert {"--array=0-1%2", "--job-name=harness-level0"} <= set(array.split())
+    assert {"--dependency='afterok:<level0>_0'", "--job-name=harness-finetune"} <= set(job.split())
+    assert [o.endswith("/.submitit/%j/%j_0_log.out") for o in job.split() if o.startswith("--output=")] == [True]
+
+    # The real submission, up to sbatch: the file submitit writes for the level-0 array has the same options.
+    written = []
+
+    def read_then_refuse(self, submission_file_path):
+        written.append(Path(submission_file_path).read_text())
+        raise FailedJobError("sbatch: error: stopped by the test")
+
+    _fake_sbatch_only(tmp_path, monkeypatch)
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command", read_then_refuse)
+    assert harness_main(args) == 2
+    assert "stopped by the test" in capsys.readouterr().err
+    submitted = [line.removeprefix("#SBATCH ") for line in written[0].splitlines() if line.startswith("#SBATCH")]
+    previewed = every.removeprefix("every job: sbatch ").split() + levels[0].split(": ", 1)[1].split()
     assert sorted(submitted) == sorted(previewed)
 
 

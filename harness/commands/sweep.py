@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
         problems += [p for p in v.plan.data_problems(folder, [sid for sid in v.plan.stages if sid in todo])
                      if p not in problems]
     if args.dry_run:
-        print_dry_run(sweep, jobs, launcher.name, folder)
+        print_dry_run(sweep, jobs, launcher, folder)
         for problem in problems:
             print(f"note: {problem}", file=sys.stderr)
         return 0
@@ -86,7 +86,9 @@ def _write_record(path: Path, args: argparse.Namespace, sweep) -> None:
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
 
-def print_dry_run(sweep, jobs, launcher: str, folder: Path) -> None:
+def print_dry_run(sweep, jobs, launcher, folder: Path) -> None:
+    """The points, the distinct stages level by level, and with the slurm launcher every submission's sbatch options
+    (`print_sbatch`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -104,12 +106,12 @@ def print_dry_run(sweep, jobs, launcher: str, folder: Path) -> None:
 
     done = [job for job in jobs if job.done]
     title = (f"{len(jobs)} distinct stages: {len(jobs) - len(done)} to run, {len(done)} already done "
-             f"(launcher: {launcher})")
+             f"(launcher: {launcher.name})")
     table = Table(title=title)
     for column in ("level", "job", "stage", "id", "experiments", "dependency", "status"):
         table.add_column(column)
     shared = {job.stage_id: 1 + len(job.links) for job in jobs}
-    for depth, level, dependency in preview_levels(jobs, arrays=launcher == "slurm"):
+    for depth, level, dependency in preview_levels(jobs, arrays=launcher.name == "slurm"):
         kind = f"array[{len(level)}]" if len(level) > 1 else "job"
         for i, job in enumerate(level):
             table.add_row(str(depth), f"{kind} #{i}" if len(level) > 1 else kind, job.name, job.stage_id[:8],
@@ -118,3 +120,36 @@ def print_dry_run(sweep, jobs, launcher: str, folder: Path) -> None:
     for job in done:
         table.add_row(str(job.depth), "-", job.name, job.stage_id[:8], job.experiment, "-", "done")
     console.print(table)
+    if launcher.name == "slurm":
+        print_sbatch(launcher, jobs, folder)
+
+
+def print_sbatch(launcher, jobs, folder: Path) -> None:
+    """Each submission's sbatch options as the sweep submits them (one job array per level, a level of one stage as
+    a job), as `harness run --dry-run` prints a run's: options every submission shares first, then each one's own.
+    From `harness.launch.slurm.preview_submissions`: the parameters the submission uses, rendered by submitit."""
+    import textwrap
+
+    from harness.launch.slurm import preview_submissions
+
+    per_job = preview_submissions(launcher, jobs, folder, arrays=True)
+    arrays = sum(len(level) > 1 for _, level, _ in per_job)
+    print(f"launcher: slurm: {len(per_job)} submission(s) ({arrays} job array(s), {len(per_job) - arrays} single "
+          f"job(s)), each stage {launcher.nodes} node(s) x {launcher.ntasks} task(s) = "
+          f"{launcher.nodes * launcher.ntasks} DDP rank(s); at most {launcher.max_requeues} requeues (SlurmLauncher "
+          "bindings over the cluster profile gin/launch/slurm.gin)")
+    if not per_job:
+        return
+
+    def wrapped(head: str, options: list[str]) -> str:
+        return textwrap.fill(" ".join(options), width=118, initial_indent=f"  {head}", subsequent_indent="      ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    common = [option for option in per_job[0][2] if all(option in options for _, _, options in per_job)]
+    print(wrapped("every job: sbatch ", [o for o in common if not o.startswith("setup: ")]))
+    for line in (o for o in common if o.startswith("setup: ")):
+        print(f"  {line}")
+    for depth, level, options in per_job:
+        what = (f"array[{len(level)}]" if len(level) > 1
+                else f"{level[0].experiment}/{level[0].name} ({level[0].stage_id[:8]})")
+        print(wrapped(f"level {depth} {what}: ", [o for o in options if o not in common]))

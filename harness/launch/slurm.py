@@ -104,6 +104,20 @@ def sbatch_options(params: dict[str, Any], folder: str | Path, array_size: int |
     return options + [f"setup: {line}" for line in params.get("setup") or []]
 
 
+def preview_submissions(spec: SlurmLauncher, jobs: list[StageJob], results_dir: str | Path,
+                        arrays: bool) -> list[tuple[int, list[StageJob], list[str]]]:
+    """What `submit_to_slurm` would submit (`preview_levels`): (depth, its stages, its sbatch options) for each
+    submission, a level's job array (`arrays`, more than one stage: `<job_name>-level<d>`, --array) as one. The
+    options come from `job_parameters`, as the submission's, rendered by `sbatch_options`."""
+    folder = log_folder(spec, results_dir)
+    out = []
+    for depth, level, dependency in preview_levels(jobs, arrays):
+        array = len(level) > 1
+        params = job_parameters(spec, f"level{depth}" if array else level[0].name, dependency)
+        out.append((depth, level, sbatch_options(params, folder, len(level) if array else None)))
+    return out
+
+
 def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str | Path, arrays: bool,
                     queue: dict[str, QueueEntry] | None) -> list[SlurmSubmission]:
     """Submit every unfinished stage (parents first); returns one submission per stage, new or earlier."""
