@@ -703,11 +703,12 @@ class _Ranks:
     share and extracts its features; rank 0 alone scores and writes.
 
     Lock-step: every rank calls every collective below the same number of times, whatever failed where. Up to
-    the features, a failure is told at the next agreement point (`run`, `agree`) and every rank raises there
-    (the failing rank its own error, the others a HarnessError naming it); after that a failure is remembered
-    and told at the evaluation's last agreement, once the gathers are done. So no rank is left waiting in a
-    collective for one that has gone (until the process group's timeout), except for what no agreement
-    catches: a rank killed, or an interrupt (KeyboardInterrupt and other BaseExceptions are not caught).
+    the gathered samples, a failure is told at the next agreement point (`run`, `agree`) and every rank raises
+    there (the failing rank its own error, the others a HarnessError naming it), before rank 0 has written
+    anything; after that (rank 0 scoring and writing) a failure is told at the evaluation's last agreement. So
+    no rank is left waiting in a collective for one that has gone (until the process group's timeout), except
+    for what no agreement catches: a rank killed, or an interrupt (KeyboardInterrupt and other BaseExceptions
+    are not caught).
     Objects travel pickled between the ranks of one job (torch's object collectives); with NCCL through the
     rank's CUDA device, made current while they run.
     """
@@ -815,7 +816,7 @@ def _assemble(parts: list[Any], cfg: EvalConfig) -> Any:
 def _collect_samples(ranks: _Ranks, folder: Path, cfg: EvalConfig) -> BaseException | None:
     """With keep_samples on several ranks: the other ranks' PNG files, byte for byte, into rank 0's folder, one
     batch per rank and round (so rank 0 holds W batches of files at a time). Every rank takes part in every round
-    whatever fails; the first failure is returned, to be told at the evaluation's last agreement."""
+    whatever fails; the first failure is returned, for every rank to agree on at once (`evaluate_stage`)."""
     from harness.sampling import rank_batches
 
     mine = rank_batches(cfg.num_samples, cfg.batch_size, ranks.rank, ranks.world_size)
@@ -875,19 +876,24 @@ def evaluate_stage(model, diffusion, data_cfg, eval_cfg: EvalConfig, step: int, 
     failure: BaseException | None = None
     scoring, row = False, None
     try:
-        with _samples_folder(run_dir, step, eval_cfg.keep_samples and ranks.is_main) as folder:
+        with contextlib.ExitStack() as stack:
+            def sample() -> Path:
+                # the folder is made here, inside the agreement: a rank that cannot make it (rank 0's kept
+                # eval_samples/step_X.partial, a temporary one) fails with every rank, none waits for it
+                here = stack.enter_context(_samples_folder(run_dir, step, eval_cfg.keep_samples and ranks.is_main))
+                _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, here, rank, world_size)
+                return here
+
             start = time.perf_counter()
-            ranks.run(lambda: _sample_to_folder(model, diffusion, data_cfg, eval_cfg, device, folder, rank,
-                                                world_size), "sampling")
+            folder = ranks.run(sample, "sampling")
             sample_seconds = time.perf_counter() - start  # the agreement waited for the slowest rank
             start = time.perf_counter()
             own = ranks.run(lambda: _share_features(folder, share, weights, common), "extracting features")
-            scoring = True  # from here on every rank goes through every collective, and fails at the end
             parts = ranks.gather(own)
             if eval_cfg.keep_samples and ranks.world_size > 1:
-                failure = _collect_samples(ranks, folder, eval_cfg)
-            if failure is not None:
-                raise failure
+                # agreed at once: rank 0 scores, writes and keeps nothing when a rank's samples did not reach it
+                ranks.agree(_collect_samples(ranks, folder, eval_cfg), "collecting the kept samples")
+            scoring = True  # from here on every rank goes to the last agreement, and fails there
             if ranks.is_main:
                 scored = score_features(_assemble(parts, eval_cfg), reference, eval_cfg.metrics, weights=weights,
                                         kid_subset_size=eval_cfg.kid_subset_size, **common)

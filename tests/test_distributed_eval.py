@@ -5,7 +5,8 @@ writes. The same evaluations are run by two spawned ranks and by the pytest proc
 with the same (seeded) tiny model, and compared: the rows (FID, KID, precision/recall, bootstrap, floor), the
 feature arrays, eval.jsonl and the kept PNGs must be equal (the PNGs byte for byte, the features and the numbers
 computed from them to float rounding: see `_same_features`). Then the
-ranks fail on purpose (rank 0 while scoring, rank 1 while sampling): both ranks must raise, none must hang.
+ranks fail on purpose (rank 0 while scoring, rank 1 while sampling, rank 1 while sending its kept samples, rank 0
+making its kept samples' folder): both ranks must raise, none must hang, no row and no files must be left.
 
 As in tests/test_evaluate.py, Inception runs at 75 px (the smallest input it takes) with its own cache folder:
 every comparison is between two computations through the same extractor.
@@ -130,6 +131,23 @@ def _rank(rank: int, world_size: int, port: int, cache: str, root: str, go) -> N
             harness.sampling.sample_batches = real_batches
         else:
             attempt("sampling_fails")
+        if rank == 1:  # rank 1 fails while its kept PNGs go to rank 0, after the features were gathered
+            real_share = ev._share_features
+
+            def then_lose_a_png(folder, *args, **kwargs):
+                features = real_share(folder, *args, **kwargs)
+                (folder / "000006.png").unlink()  # its first sample (batches of 6)
+                return features
+
+            ev._share_features = then_lose_a_png
+            attempt("collecting_fails")
+            ev._share_features = real_share
+        else:
+            attempt("collecting_fails")
+        if rank == 0:  # rank 0 cannot make its kept samples' folder (a file is in the way)
+            (out / "ranks" / "folder_fails").mkdir(parents=True)
+            (out / "ranks" / "folder_fails" / "eval_samples").write_text("not a folder")
+        attempt("folder_fails")
     finally:
         dist.destroy_process_group()
 
@@ -208,6 +226,22 @@ def test_two_gloo_ranks_score_what_one_process_scores(tmp_path, small_cache_dir)
         assert outcomes[1 - failing].endswith(error), outcomes
         assert not (tmp_path / "ranks" / name / "eval.jsonl").exists()
         assert not any((tmp_path / "ranks" / name / "eval_samples").iterdir())
+    # Rank 1 failing to read its PNGs for rank 0: rank 0 used to score, write the features, keep its samples and
+    # append the row before hearing of it (a resume then counted the evaluation as done).
+    lost = [(tmp_path / f"outcome_collecting_fails_{r}").read_text() for r in (0, 1)]
+    assert lost[1].startswith("FileNotFoundError: ") and lost[1].endswith("000006.png'"), lost
+    assert lost[0] == f"HarnessError: the evaluation at step {STEP} failed on rank 1 while collecting the kept " \
+                      f"samples: {lost[1]}", lost
+    assert not (tmp_path / "ranks" / "collecting_fails" / "eval.jsonl").exists()
+    assert not (tmp_path / "ranks" / "collecting_fails" / "eval_features").exists()
+    assert not any((tmp_path / "ranks" / "collecting_fails" / "eval_samples").iterdir())
+    # Rank 0 failing to make its kept samples' folder: it used to leave while rank 1 waited in a collective.
+    blocked = [(tmp_path / f"outcome_folder_fails_{r}").read_text() for r in (0, 1)]
+    assert blocked[0].startswith("NotADirectoryError: "), blocked
+    assert blocked[1] == f"HarnessError: the evaluation at step {STEP} failed on rank 0 while sampling: " \
+                         f"{blocked[0]}", blocked
+    assert not (tmp_path / "ranks" / "folder_fails" / "eval.jsonl").exists()
+    assert (tmp_path / "ranks" / "folder_fails" / "eval_samples").read_text() == "not a folder"
     print(f"one process {one_process:.1f} s, all {time.perf_counter() - started:.1f} s")
 
 
