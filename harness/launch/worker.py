@@ -22,8 +22,10 @@ from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
-# Evaluation (FID sampling) runs on rank 0 only while the other ranks wait in the next collective; with torch's
-# default 10-minute timeout the NCCL watchdog would kill a long evaluation. The job's time limit still applies.
+# Every rank evaluates (each samples its share), but rank 0 alone builds the reference's feature cache (the first
+# time), scores and computes the noise floor, while the other ranks wait in a collective (before sampling, and at
+# the end); with torch's default 10-minute timeout the NCCL watchdog would kill them during a long wait. The job's
+# time limit still applies.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=6)
 
 
