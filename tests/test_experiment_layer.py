@@ -141,10 +141,10 @@ IDS_BEFORE_THE_LAYER = {
     # not converted (another shape); pinned all the same
     "finetune_from_maskdm": {"maskdm": ["d976a0922bc4996d"], "scratch": ["9f0b85e436fc3189"]},
     # newer than the layer, another shape (four arms); pinned all the same, as first planned (2026-12-03)
-    "methods_faces32": {"curriculum": ["02f5cfe010270a30"],
-                        "maskdit_two_stage": ["771a66c6dea40f88", "57ab5578e840169d"],
-                        "maskdm_two_stage": ["63c46789e35e58d6", "f8fa40e684cba009"],
-                        "scratch": ["5fd5310ed3ae5a0a"]},
+    "methods_faces32": {"curriculum": ["78ec4693e5db2494"],
+                        "maskdit_two_stage": ["4ced1cf5a82ce082", "77992b94af9a41c2"],
+                        "maskdm_two_stage": ["89f57fe37e5050ae", "0f263e8614953dc5"],
+                        "scratch": ["053f40b72f5b48a8"]},
 }
 
 
