@@ -90,29 +90,15 @@ def print_launch(launcher, jobs: list, results_dir: Path) -> None:
               f"task(s) (DDP ranks) and {launcher.gpus_per_node} GPU(s) each, at most {launcher.max_parallel} at "
               f"once, time limit {launcher.timeout_min} min")
         return
-    from harness.launch.slurm import job_parameters, log_folder, preview_levels, sbatch_options
+    from harness.launch.slurm import preview_lines, preview_submissions
 
-    per_job = [(job, sbatch_options(job_parameters(launcher, job.name, dependency), log_folder(launcher,
-                                                                                               results_dir)))
-               for _depth, level, dependency in preview_levels(todo, arrays=False) for job in level]
+    per_job = preview_submissions(launcher, todo, results_dir, arrays=False)
     ranks = launcher.nodes * launcher.ntasks
     print(f"launcher: slurm: {len(per_job)} job(s), one per stage, each {launcher.nodes} node(s) x "
           f"{launcher.ntasks} task(s) = {ranks} DDP rank(s); at most {launcher.max_requeues} requeues (SlurmLauncher "
           "bindings over the cluster profile gin/launch/slurm.gin)")
-    if not per_job:
-        return
-    import textwrap
-
-    def wrapped(head: str, options: list[str]) -> str:
-        return textwrap.fill(" ".join(options), width=118, initial_indent=f"  {head}", subsequent_indent="      ",
-                             break_long_words=False, break_on_hyphens=False)
-
-    common = [option for option in per_job[0][1] if all(option in options for _, options in per_job)]
-    print(wrapped("every job: sbatch ", [o for o in common if not o.startswith("setup: ")]))
-    for line in (o for o in common if o.startswith("setup: ")):
-        print(f"  {line}")
-    for job, options in per_job:
-        print(wrapped(f"{job.experiment}/{job.name} ({job.stage_id[:8]}): ", [o for o in options if o not in common]))
+    for line in preview_lines(per_job, arrays=False):
+        print(line)
 
 
 def main(args: argparse.Namespace) -> int:

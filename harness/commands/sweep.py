@@ -128,9 +128,7 @@ def print_sbatch(launcher, jobs, folder: Path) -> None:
     """Each submission's sbatch options as the sweep submits them (one job array per level, a level of one stage as
     a job), as `harness run --dry-run` prints a run's: options every submission shares first, then each one's own.
     From `harness.launch.slurm.preview_submissions`: the parameters the submission uses, rendered by submitit."""
-    import textwrap
-
-    from harness.launch.slurm import preview_submissions
+    from harness.launch.slurm import preview_lines, preview_submissions
 
     per_job = preview_submissions(launcher, jobs, folder, arrays=True)
     arrays = sum(len(level) > 1 for _, level, _ in per_job)
@@ -138,18 +136,5 @@ def print_sbatch(launcher, jobs, folder: Path) -> None:
           f"job(s)), each stage {launcher.nodes} node(s) x {launcher.ntasks} task(s) = "
           f"{launcher.nodes * launcher.ntasks} DDP rank(s); at most {launcher.max_requeues} requeues (SlurmLauncher "
           "bindings over the cluster profile gin/launch/slurm.gin)")
-    if not per_job:
-        return
-
-    def wrapped(head: str, options: list[str]) -> str:
-        return textwrap.fill(" ".join(options), width=118, initial_indent=f"  {head}", subsequent_indent="      ",
-                             break_long_words=False, break_on_hyphens=False)
-
-    common = [option for option in per_job[0][2] if all(option in options for _, _, options in per_job)]
-    print(wrapped("every job: sbatch ", [o for o in common if not o.startswith("setup: ")]))
-    for line in (o for o in common if o.startswith("setup: ")):
-        print(f"  {line}")
-    for depth, level, options in per_job:
-        what = (f"array[{len(level)}]" if len(level) > 1
-                else f"{level[0].experiment}/{level[0].name} ({level[0].stage_id[:8]})")
-        print(wrapped(f"level {depth} {what}: ", [o for o in options if o not in common]))
+    for line in preview_lines(per_job, arrays=True):
+        print(line)

@@ -118,6 +118,30 @@ def preview_submissions(spec: SlurmLauncher, jobs: list[StageJob], results_dir: 
     return out
 
 
+def preview_lines(submissions: list[tuple[int, list[StageJob], list[str]]], arrays: bool) -> list[str]:
+    """The dry runs' view of `preview_submissions` (`harness run` and `harness sweep --dry-run`): the options every
+    submission shares first (submitit's setup lines apart), then each submission's own, labelled by its stage,
+    or by its level and array size (with `arrays`, the level first)."""
+    import textwrap
+
+    if not submissions:
+        return []
+
+    def wrapped(head: str, options: list[str]) -> str:
+        return textwrap.fill(" ".join(options), width=118, initial_indent=f"  {head}", subsequent_indent="      ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    common = [option for option in submissions[0][2] if all(option in options for _, _, options in submissions)]
+    lines = [wrapped("every job: sbatch ", [o for o in common if not o.startswith("setup: ")])]
+    lines += [f"  {o}" for o in common if o.startswith("setup: ")]
+    for depth, level, options in submissions:
+        what = (f"array[{len(level)}]" if len(level) > 1
+                else f"{level[0].experiment}/{level[0].name} ({level[0].stage_id[:8]})")
+        lines.append(wrapped(f"level {depth} {what}: " if arrays else f"{what}: ",
+                             [o for o in options if o not in common]))
+    return lines
+
+
 def submit_to_slurm(jobs: list[StageJob], spec: SlurmLauncher, results_dir: str | Path, arrays: bool,
                     queue: dict[str, QueueEntry] | None) -> list[SlurmSubmission]:
     """Submit every unfinished stage (parents first); returns one submission per stage, new or earlier."""
