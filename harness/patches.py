@@ -43,3 +43,20 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
 def gather_patches(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """tokens [B, N, D], idx [B, K] -> [B, K, D] (one gather, no Python loop)."""
     return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def embed_patches(x: torch.Tensor, proj: torch.nn.Conv2d, pos: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """[B, N or N_visible, D]: the patches of `x` (or the visible ones, `idx` [B, N_visible]) embedded by the patch
+    embedding `proj`, plus their position embedding `pos` [N, D].
+
+    A patch embedding is a convolution whose stride equals its kernel, i.e. one linear map per patch. It is
+    applied as that linear map to the visible patches only, gathered as pixels: masked patches then cost nothing,
+    forward or backward (embedding every patch and gathering afterwards would pay for all of them and scatter a
+    full-size gradient back). The parameters stay those of the conv, so checkpoints keep their layout.
+    """
+    pixels = patchify(x, proj.kernel_size[0])  # [B, N, p*p*C], each patch ordered (p1, p2, C)
+    if idx is not None:
+        pixels = gather_patches(pixels, idx)  # [B, N_visible, p*p*C]
+        pos = pos[idx]  # [B, N_visible, D]
+    weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv [D, C, p, p] -> linear over (p1, p2, C)
+    return torch.nn.functional.linear(pixels, weight, proj.bias) + pos

@@ -175,16 +175,20 @@ def test_bad_options_are_harness_errors(tiny_recipe, capsys):
 def test_patch_embedding_of_visible_patches_equals_the_conv_then_gather():
     from harness.masks import BlockMask
     from harness.models.config import UViTConfig
-    from harness.patches import gather_patches, visible_indices
+    from harness.patches import embed_patches, gather_patches, visible_indices
 
     torch.manual_seed(0)
     model = UViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4).build()
     x = torch.randn(3, 3, 32, 32)
     conv = model.patch_embed(x) + model.pos_embed[:, model.extras:]  # timm's conv path, every patch
-    assert torch.allclose(model._embed_patches(x, None), conv, atol=1e-6)
+
+    def embedded(idx):  # what MaskedUViT.forward embeds
+        return embed_patches(x, model.patch_embed.proj, model.pos_embed[0, model.extras:], idx)
+
+    assert torch.allclose(embedded(None), conv, atol=1e-6)
     idx = visible_indices(BlockMask(0.5, 2).sample(3, 8, generator=torch.Generator().manual_seed(1)))
-    assert torch.allclose(model._embed_patches(x, idx), gather_patches(conv, idx), atol=1e-6)
-    assert not torch.allclose(model._embed_patches(x, idx), conv[:, : idx.shape[1]], atol=1e-3)
+    assert torch.allclose(embedded(idx), gather_patches(conv, idx), atol=1e-6)
+    assert not torch.allclose(embedded(idx), conv[:, : idx.shape[1]], atol=1e-3)
 
 
 def _textbook_step(trainer, initial, max_norm):

@@ -33,13 +33,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from harness.errors import HarnessError
 from harness.models.uvit import timestep_embedding
-from harness.patches import gather_patches, patchify, unpatchify, visible_indices
+from harness.patches import embed_patches, unpatchify, visible_indices
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -205,21 +204,6 @@ class DiT(nn.Module):
             return self.cfg.num_patches - int(mask[0].sum())
         return mask.shape[1]
 
-    def _embed_patches(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """[B, N or N_visible, D]: the (visible) patches embedded, plus their position embedding.
-
-        The patch embedding (a conv with stride = kernel) is applied as the linear map it is, to the visible
-        patches only, gathered as pixels: dropped patches cost nothing, forward or backward (as MaskedUViT).
-        """
-        proj = self.x_embedder.proj
-        pixels = patchify(x, self.patch_size)  # [B, N, p*p*C], each patch ordered (p1, p2, C)
-        pos = self.pos_embed  # [N, D]
-        if idx is not None:
-            pixels = gather_patches(pixels, idx)  # [B, N_visible, p*p*C]
-            pos = pos[idx]  # [B, N_visible, D]
-        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv [D, C, p, p] -> linear over (p1, p2, C)
-        return F.linear(pixels, weight, proj.bias) + pos
-
     def forward(
         self,
         x: torch.Tensor,
@@ -234,7 +218,8 @@ class DiT(nn.Module):
                 f"{c}x{h}x{w}; make DiTConfig.img_size / in_chans match the data's resolution and channels"
             )
         idx = None if mask is None else visible_indices(mask) if mask.dtype == torch.bool else mask
-        tokens = self._embed_patches(x, idx)  # [B, L, D]; the dropped patches are gone from here on
+        # [B, L, D]: only the visible patches are embedded; the dropped ones are gone from here on
+        tokens = embed_patches(x, self.x_embedder.proj, self.pos_embed, idx)
         cond = self.t_embedder(t)  # [B, D]
         if self.cfg.num_classes > 0:
             cond = cond + self.y_embedder(y, batch, x.device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.patches import gather_patches, patchify, unpatchify, visible_indices
+from harness.patches import embed_patches, unpatchify, visible_indices
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -194,23 +194,6 @@ class MaskedUViT(nn.Module):
             tokens = torch.cat([label.unsqueeze(1), tokens], dim=1)
         return tokens + self.pos_embed[:, : self.extras]
 
-    def _embed_patches(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """[B, N or N_visible, D]: the (visible) patches embedded, plus their positional embedding.
-
-        The patch embedding is a convolution whose stride equals its kernel, i.e. one linear map per patch. It is
-        applied as that linear map to the visible patches only, gathered as pixels: masked patches then cost
-        nothing, forward or backward (embedding every patch and gathering afterwards would pay for all of them
-        and scatter a full-size gradient back). The parameters stay those of the conv (`patch_embed.proj`).
-        """
-        proj = self.patch_embed.proj
-        pixels = patchify(x, self.patch_size)  # [B, N, p*p*C], each patch ordered (p1, p2, C)
-        pos = self.pos_embed[:, self.extras :]
-        if idx is not None:
-            pixels = gather_patches(pixels, idx)
-            pos = pos[0, idx]  # [B, N_visible, D]
-        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # conv [D, C, p, p] -> linear over (p1, p2, C)
-        return F.linear(pixels, weight, proj.bias) + pos
-
     def forward(
         self,
         x: torch.Tensor,
@@ -225,7 +208,8 @@ class MaskedUViT(nn.Module):
                 f"{c}x{h}x{w}; make UViTConfig.img_size / in_chans match the data's resolution and channels"
             )
         idx = None if mask is None else visible_indices(mask) if mask.dtype == torch.bool else mask
-        patches = self._embed_patches(x, idx)  # the masked patches are gone from here on
+        # only the visible patches are embedded (patches.embed_patches); the masked ones are gone from here on
+        patches = embed_patches(x, self.patch_embed.proj, self.pos_embed[0, self.extras :], idx)
         h = torch.cat([self._condition_tokens(t, y, batch).to(patches.dtype), patches], dim=1)
 
         skips = []
