@@ -250,9 +250,13 @@ def test_a_stage_resumed_mid_schedule_equals_a_straight_run(curriculum, tmp_path
 
     a = load_checkpoint(newest_valid_checkpoint(straight / "checkpoints"))
     b = load_checkpoint(newest_valid_checkpoint(resumed / "checkpoints"))
+    # Bit-identical with one thread. With two, the position embedding's gradient (its gathered rows summed over
+    # the batch) can come out one rounding apart after a resume (measured: 1.9e-9 on pos_embed, every other tensor
+    # and every logged loss identical); docs/guarantees.md says so.
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
-            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0 if torch.get_num_threads() == 1 else 1e-8,
+                                       msg=f"{key}.{name}")
     cost_a, cost_b = (json.loads((d / "cost.json").read_text()) for d in (straight, resumed))
     for key in ("steps", "images_seen", "tokens_seen", "train_flops", "flops_per_step", "mask_ratio"):
         assert cost_b[key] == cost_a[key], key
