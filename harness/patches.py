@@ -40,6 +40,14 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return (~mask).nonzero()[:, 1].reshape(mask.shape[0], -1)
 
 
+def as_visible_indices(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """What the backbones' `forward(mask=...)` takes, as indices: None (no mask), a BoolTensor [B, N] (True =
+    masked) turned into `visible_indices(mask)`, or those indices already (a caller that computed them once)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return visible_indices(mask)
+
+
 def gather_patches(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """tokens [B, N, D], idx [B, K] -> [B, K, D] (one gather, no Python loop)."""
     return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -126,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         raise HarnessError(" | ".join(problems))
     # launch_plan writes plan.json (the report's and `harness status`'s index) before it launches anything.
-    results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait)
+    results = launch_plan(plan, gin_text, results_dir, launcher, stage_ids=stage_ids, wait=not args.no_wait,
+                          built_jobs=list(jobs.values()))
     if args.no_wait:  # slurm only (launch_plan refuses it otherwise): submitted; `harness status` follows them
         return 0
     if not args.no_report:  # partial results too: failed arms are marked

@@ -60,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         raise HarnessError(" | ".join(problems))
     _write_record(folder / "sweep.json", args, sweep)
-    results = launch_variants(variants, folder, launcher, wait=not args.no_wait, arrays=True, search_root=root)
+    results = launch_variants(variants, folder, launcher, wait=not args.no_wait, arrays=True, search_root=root,
+                              built_jobs=jobs)
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -25,18 +25,21 @@ log = logging.getLogger(__name__)
 
 
 def launch_plan(plan: Any, gin_text: str, results_dir: str | Path, launcher: LauncherSpec | None = None,
-                stage_ids: list[str] | None = None, wait: bool = True) -> list[dict[str, Any]]:
+                stage_ids: list[str] | None = None, wait: bool = True,
+                built_jobs: list[StageJob] | None = None) -> list[dict[str, Any]]:
     """Run one experiment's plan (`harness run`): one job per stage, children after their parents.
 
-    `stage_ids` restricts the launch to those stages (their parents must then be done already).
+    `stage_ids` restricts the launch to those stages (their parents must then be done already). `built_jobs`:
+    what `build_jobs` made of this plan, when the caller has it already (it walks the results folder).
     """
     return launch_variants([Variant(gin_text=gin_text, plan=plan)], results_dir, launcher, stage_ids=stage_ids,
-                           wait=wait)
+                           wait=wait, built_jobs=built_jobs)
 
 
 def launch_variants(variants: list[Variant], results_dir: str | Path, launcher: LauncherSpec | None = None,
                     stage_ids: list[str] | None = None, wait: bool = True, arrays: bool = False,
-                    search_root: str | Path | None = None) -> list[dict[str, Any]]:
+                    search_root: str | Path | None = None,
+                    built_jobs: list[StageJob] | None = None) -> list[dict[str, Any]]:
     """Run several experiments' stages together, each distinct stage once (`arrays`: SLURM job arrays).
 
     Writes each experiment's plan.json first (`harness run`, `harness sweep` and API callers alike). A stage
@@ -45,7 +48,7 @@ def launch_variants(variants: list[Variant], results_dir: str | Path, launcher: 
     launcher = launcher if launcher is not None else InlineLauncher()
     check_wait(launcher, wait)
     results_dir = Path(results_dir)
-    every = build_jobs(variants, results_dir, search_root)
+    every = built_jobs if built_jobs is not None else build_jobs(variants, results_dir, search_root)
     jobs = every if stage_ids is None else [job for job in every if job.stage_id in set(stage_ids)]
     _check_parents_done(jobs, every)
     if _is_main_rank():

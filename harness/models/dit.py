@@ -38,7 +38,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.models.uvit import timestep_embedding
-from harness.patches import embed_patches, unpatchify, visible_indices
+from harness.patches import as_visible_indices, embed_patches, unpatchify
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -217,7 +217,7 @@ class DiT(nn.Module):
                 f"the model expects images of {self.in_chans}x{self.cfg.img_size}x{self.cfg.img_size} but got "
                 f"{c}x{h}x{w}; make DiTConfig.img_size / in_chans match the data's resolution and channels"
             )
-        idx = None if mask is None else visible_indices(mask) if mask.dtype == torch.bool else mask
+        idx = as_visible_indices(mask)
         # [B, L, D]: only the visible patches are embedded; the dropped ones are gone from here on
         tokens = embed_patches(x, self.x_embedder.proj, self.pos_embed, idx)
         cond = self.t_embedder(t)  # [B, D]

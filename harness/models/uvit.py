@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.patches import embed_patches, unpatchify, visible_indices
+from harness.patches import as_visible_indices, embed_patches, unpatchify
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -207,7 +207,7 @@ class MaskedUViT(nn.Module):
                 f"the model expects images of {self.in_chans}x{self.cfg.img_size}x{self.cfg.img_size} but got "
                 f"{c}x{h}x{w}; make UViTConfig.img_size / in_chans match the data's resolution and channels"
             )
-        idx = None if mask is None else visible_indices(mask) if mask.dtype == torch.bool else mask
+        idx = as_visible_indices(mask)
         # only the visible patches are embedded (patches.embed_patches); the masked ones are gone from here on
         patches = embed_patches(x, self.patch_embed.proj, self.pos_embed[0, self.extras :], idx)
         h = torch.cat([self._condition_tokens(t, y, batch).to(patches.dtype), patches], dim=1)
