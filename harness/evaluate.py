@@ -310,9 +310,22 @@ def _fidelity_errors() -> Iterator[None]:
         raise HarnessError(f"torch-fidelity refused the inputs: {err}") from err
 
 
+def _create_extractor(options: dict[str, Any]) -> Any:
+    """torch-fidelity's Inception for `options`. On a CPU its weights are put in channels-last layout: oneDNN's
+    convolutions and pools then skip a layout reorder per layer, which halves the time per image on 2 cores
+    (6.5 -> 13 images/s, measured; features equal within 1e-5). On a GPU it is left as torch-fidelity builds it."""
+    import torch
+    from torch_fidelity.utils import create_feature_extractor
+
+    extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+    if not options.get("cuda"):
+        extractor = extractor.to(memory_format=torch.channels_last)
+    return extractor
+
+
 def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_size: int, device,
                      verbose: bool) -> Reference:
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
     n = len(fidelity_inputs(folder))
     if n < 2:
@@ -321,7 +334,7 @@ def _build_reference(folder: Path, name: str, source: str, weights: Path, batch_
     # The very function calculate_metrics uses to extract and cache an input's features under its cache name.
     options = _options(batch_size, device, weights, verbose, input1=str(folder), input1_cache_name=name)
     with _fidelity_errors(), _cuda_context(device):
-        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        extractor = _create_extractor(options)
         extract_featuresdict_from_input_id_cached(1, extractor, **options)
     manifest = {"name": name, "num_images": n, "source": source, "weights": str(weights), "created": time.time()}
     atomic_write_text(_cache_files(name)[-1], json.dumps(manifest, indent=1) + "\n")
@@ -424,11 +437,11 @@ def extract_features(folder: str | os.PathLike, *, weights: str | os.PathLike | 
                      device=None, verbose: bool = False) -> Any:
     """The Inception pool3 features of the images at the top level of `folder` (never cached), numpy float32
     [n, 2048] in file-name order: what `score_features` extracts from a folder of samples."""
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
     options = _options(batch_size, device, weights_path(weights), verbose, input1=str(folder))
     with _fidelity_errors(), _cuda_context(device):
-        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        extractor = _create_extractor(options)
         return _features_of(extract_featuresdict_from_input_id_cached(1, extractor, **options))
 
 
@@ -441,7 +454,7 @@ def score_features(samples: Any, reference: Reference | str | os.PathLike, metri
     samples' features already extracted (numpy float32 [n, 2048], e.g. gathered from several ranks)."""
     import numpy as np
     import torch
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
     metrics = check_metrics(metrics)
     weights = weights_path(weights)
@@ -468,7 +481,7 @@ def score_features(samples: Any, reference: Reference | str | os.PathLike, metri
     options = _options(batch_size, device, weights, verbose, kid_subset_size=kid_subset_size,
                        **inputs, **{m: m in metrics for m in METRICS})
     with _fidelity_errors(), _cuda_context(device):
-        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        extractor = _create_extractor(options)
         # Generated images are input1, the reference input2 (torch-fidelity's precision/recall convention).
         if given is None:
             generated = extract_featuresdict_from_input_id_cached(1, extractor, **options)
@@ -590,7 +603,6 @@ def noise_floor(data_cfg, reference: Reference, metrics, n_generated: int, kid_s
             pass  # recomputed below
     import numpy as np
     import torch
-    from torch_fidelity.utils import create_feature_extractor
 
     data_cfg.check()
     dataset = data_cfg.build()
@@ -611,7 +623,7 @@ def noise_floor(data_cfg, reference: Reference, metrics, n_generated: int, kid_s
     options = _options(batch_size, device, weights, verbose, kid_subset_size=subset,
                        **{m: m in metrics for m in METRICS})
     with _fidelity_errors(), _cuda_context(device):
-        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **options)
+        extractor = _create_extractor(options)
         scores = _metrics_from_features({FEATURE_LAYER: torch.from_numpy(pool[set_b.start:set_b.stop])},
                                         {FEATURE_LAYER: torch.from_numpy(pool[set_a.start:set_a.stop])},
                                         metrics, options, extractor)
