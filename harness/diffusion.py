@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch is imported where schedules and losses are computed: 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1")
+WEIGHTINGS = ("none", "min_snr")
 
 
 def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
@@ -69,12 +70,20 @@ class DiffusionConfig:
     # model that predicts the masked patches (DiTConfig.decoder_depth > 0) and a masked stage (Stage checks both).
     # (Added later: left out of stage descriptions at its default, so existing ids stay as they were.)
     mae_weight: float = dataclasses.field(default=0.0, metadata={"added_later": True})
+    # How the denoising error of each image is weighted by its noise level. 'none': the plain loss of `prediction`
+    # (MaskDM). 'min_snr' (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"): the
+    # error is weighted as if measured on x0 with weight min(SNR_t, min_snr_gamma), SNR_t = abar / (1 - abar),
+    # whatever the model predicts: so for eps the factor is min(SNR, gamma) / SNR, for v min(SNR, gamma) /
+    # (SNR + 1), for x0 min(SNR, gamma). (Added later: left out of stage descriptions at their defaults.)
+    weighting: str = dataclasses.field(default="none", metadata={"added_later": True})
+    min_snr_gamma: float = dataclasses.field(default=5.0, metadata={"added_later": True})
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
             ("schedule", self.schedule, SCHEDULES),
             ("prediction", self.prediction, PREDICTIONS),
             ("loss", self.loss, LOSSES),
+            ("weighting", self.weighting, WEIGHTINGS),
         ):
             if value not in allowed:
                 raise HarnessError(f"DiffusionConfig.{field}={value!r} is not one of {list(allowed)}")
@@ -87,6 +96,10 @@ class DiffusionConfig:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise HarnessError(f"DiffusionConfig.mae_weight must be a number, 0 (off) or more, got {weight!r}")
         object.__setattr__(self, "mae_weight", float(weight))  # `= 1` and `= 1.0` describe one stage
+        gamma = self.min_snr_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise HarnessError(f"DiffusionConfig.min_snr_gamma must be a positive number, got {gamma!r}")
+        object.__setattr__(self, "min_snr_gamma", float(gamma))
 
     def check_backbone(self, model, masked: bool) -> None:
         """Refuse a reconstruction weight that could not act: on a model that predicts only the visible patches
@@ -126,6 +139,20 @@ class GaussianDiffusion:
         self.alphas_cumprod = abar.to(device=device, dtype=torch.float32)
         self.sqrt_abar = abar.sqrt().to(device=device, dtype=torch.float32)
         self.sqrt_one_minus_abar = (1 - abar).sqrt().to(device=device, dtype=torch.float32)
+        self.loss_weights = self._loss_weights(cfg, abar).to(device=device, dtype=torch.float32)
+
+    @staticmethod
+    def _loss_weights(cfg: DiffusionConfig, abar: torch.Tensor) -> torch.Tensor:
+        """The weight of each time step's denoising error, [T] (float64 in, from the schedule)."""
+        import torch
+
+        if cfg.weighting == "none":
+            return torch.ones_like(abar)
+        snr = abar / (1 - abar)
+        x0_weight = snr.clamp(max=cfg.min_snr_gamma)  # min-SNR, in x0 units
+        # an error of the model's output in eps units is sqrt(SNR) times the x0 error, in v units sqrt(SNR + 1)
+        per_unit = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1}[cfg.prediction]
+        return x0_weight / per_unit
 
     def to(self, device) -> "GaussianDiffusion":
         return GaussianDiffusion(self.cfg, device=device)
@@ -247,7 +274,11 @@ class GaussianDiffusion:
         # Every image has the same number of visible elements, so the mean over all of them equals the mean
         # over each image's visible elements followed by the mean over the batch.
         score = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        denoise = score(pred.float(), target.float())
+        if self.cfg.weighting == "none":
+            denoise = score(pred.float(), target.float())
+        else:  # each image's mean error times its time step's weight, then the batch mean
+            per_image = score(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+            denoise = (per_image * self.loss_weights[t]).mean()
         terms = {"loss": denoise, "loss_denoise": denoise}
         if self.cfg.mae_weight > 0 and mask is not None:
             if every_patch is None and idx.shape[1] < num_patches:

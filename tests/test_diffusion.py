@@ -101,6 +101,40 @@ def test_only_visible_patches_enter_the_loss(prediction):
     assert abs(d.loss_at(model, x0_v, t, noise_v, mask=mask).item() - base.item()) > 1e-3
 
 
+class PredictsFromX0:
+    """A stand-in model whose x0 estimate is a fixed function of x0 (x0 + delta), output in the
+    parameterisation of `d`: the same estimate, so min-SNR weighting must give the same loss for all three."""
+
+    def __init__(self, d, x0, t, delta):
+        self.d, self.x0_hat, self.t = d, x0 + delta, t
+
+    def __call__(self, x_t, t, y=None, mask=None):
+        eps_hat = self.d.eps_from_x0(x_t, self.t, self.x0_hat)
+        return self.d.target(self.x0_hat, self.t, eps_hat)  # eps, x0 or v of the estimate
+
+
+def test_min_snr_weighting_is_the_x0_error_weighted_by_min_snr_whatever_the_prediction():
+    torch.manual_seed(2)
+    x0, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    delta = 0.1 * torch.randn(3, 3, 8, 8)
+    t = torch.tensor([150, 500, 900])  # SNR above, near and below gamma = 5 under the cosine schedule
+    losses = {}
+    for prediction in ("eps", "x0", "v"):
+        d = DiffusionConfig(prediction=prediction, weighting="min_snr", min_snr_gamma=5).build()
+        losses[prediction] = d.loss_at(PredictsFromX0(d, x0, t, delta), x0, t, noise).item()
+    abar = DiffusionConfig().build().alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    assert snr[0] > 5 > snr[2]
+    written_out = (delta.pow(2).flatten(1).mean(1) * snr.clamp(max=5)).mean().item()
+    for prediction, loss in losses.items():
+        assert loss == pytest.approx(written_out, rel=1e-4), prediction
+    # unweighted, the three parameterisations score the same estimate differently
+    plain = {p: DiffusionConfig(prediction=p).build() for p in ("eps", "x0", "v")}
+    unweighted = {p: d.loss_at(PredictsFromX0(d, x0, t, delta), x0, t, noise).item() for p, d in plain.items()}
+    assert unweighted["x0"] == pytest.approx(delta.pow(2).mean().item(), rel=1e-5)
+    assert unweighted["eps"] > 2 * unweighted["x0"]
+
+
 def test_training_loss_is_seeded():
     torch.manual_seed(0)
     model = UViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4).build()
@@ -161,7 +195,8 @@ def test_a_tiny_model_learns(mask, one_thread):
 
 
 def test_bad_config_raises_harness_error():
-    for kwargs in ({"schedule": "quadratic"}, {"prediction": "score"}, {"loss": "huber"}, {"timesteps": 1}):
+    for kwargs in ({"schedule": "quadratic"}, {"prediction": "score"}, {"loss": "huber"}, {"timesteps": 1},
+                   {"weighting": "snr"}, {"min_snr_gamma": 0}, {"min_snr_gamma": True}):
         with pytest.raises(HarnessError):
             DiffusionConfig(**kwargs)
 
