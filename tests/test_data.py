@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import gin
+from harness import embedded
 from harness.data import DataConfig, choose_subset, list_images
 from harness.datasets import write_png_folder
 from harness.errors import HarnessError
@@ -59,6 +60,7 @@ def test_embedded_items_shape_range_and_structure(source):
 @pytest.mark.parametrize("source", ["shapes", "faces"])
 def test_embedded_generator_is_deterministic_and_prefix_stable(source):
     a = DataConfig(source=source, num_images=1100, seed=7).build()
+    embedded.generate.cache_clear()  # drawn again, not handed back from memory
     b = DataConfig(source=source, num_images=1100, seed=7).build()
     assert torch.equal(a.get_batch(range(1100)), b.get_batch(range(1100)))
     # Images do not depend on how many were asked for (they are drawn in seeded chunks).
@@ -68,6 +70,15 @@ def test_embedded_generator_is_deterministic_and_prefix_stable(source):
     assert torch.equal(a.get_batch([1050]), bigger.get_batch([1050]))
     other = DataConfig(source=source, num_images=5, seed=8).build()
     assert (other.get_batch(range(5)) - small.get_batch(range(5))).abs().mean() > 0.05
+
+
+def test_embedded_images_are_drawn_once_per_process_and_read_only():
+    embedded.generate.cache_clear()
+    first = embedded.generate("faces", 8, 16, 3)
+    assert embedded.generate("faces", 8, 16, 3) is first and embedded.generate.cache_info().hits == 1
+    with pytest.raises(ValueError):  # a caller cannot change what the next build gets
+        first[0, 0, 0, 0] = 1
+    assert embedded.generate("faces", 8, 16, 4) is not first
 
 
 def test_embedded_resolutions():

@@ -62,8 +62,9 @@ def test_mini_study_sweeps_three_seeds_with_paired_arms_and_several_evaluations(
         assert {s.seed for s in (scratch, pretrain, finetune)} == {seed}
         assert {s.eval.seed for s in (scratch, finetune)} == {seed}
         assert {s.data.seed for s in (scratch, pretrain, finetune)} == {0}
-        assert scratch.steps == 3000 and (pretrain.steps, finetune.steps) == (3000, 1500)
-        assert scratch.eval.steps == (750, 1500, 2250) and finetune.eval.steps == (500, 1000)
+        assert scratch.steps == 4000 and (pretrain.steps, finetune.steps) == (3000, 2000)  # the quickstart's
+        assert scratch.eval.steps == (1000, 2000, 3000) and finetune.eval.steps == (500, 1000, 1500)
+        assert scratch.diffusion.weighting == "min_snr" and scratch.lr == 4e-3  # gin/demos/learn_faster.gin
         assert pretrain.mask.name == "block2" and pretrain.eval is None
         all_ids |= set(plan.stages)
     assert len(all_ids) == 9  # no stage shared between seeds
