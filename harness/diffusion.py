@@ -100,6 +100,9 @@ class DiffusionConfig:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
             raise HarnessError(f"DiffusionConfig.min_snr_gamma must be a positive number, got {gamma!r}")
         object.__setattr__(self, "min_snr_gamma", float(gamma))
+        if self.weighting == "min_snr" and self.loss != "mse":  # the unit conversion below holds for squares only
+            raise HarnessError("DiffusionConfig.weighting = 'min_snr' weights squared errors; set loss = 'mse' "
+                               "or weighting = 'none'")
 
     def check_backbone(self, model, masked: bool) -> None:
         """Refuse a reconstruction weight that could not act: on a model that predicts only the visible patches

@@ -68,3 +68,18 @@ def test_mini_study_sweeps_three_seeds_with_paired_arms_and_several_evaluations(
         assert pretrain.mask.name == "block2" and pretrain.eval is None
         all_ids |= set(plan.stages)
     assert len(all_ids) == 9  # no stage shared between seeds
+
+
+def test_the_committed_mini_study_results_come_from_the_committed_recipe():
+    """docs/results/mini_study/records.csv names the stages the recipe plans today, seed by seed: a recipe
+    change that moves a stage id must come with a rerun of the study (or the page would describe other runs)."""
+    import pandas as pd
+
+    records = pd.read_csv(RECIPES.parent / "docs" / "results" / "mini_study" / "records.csv")
+    variants = build_sweep(str(RECIPES / "mini_study.gin"), [], [parse_grid("SEED=[0,1,2]")])
+    planned = {v.experiment: set(v.plan.stages) for v in variants}
+    evaluated = {name: set(group.stage_id) for name, group in records.groupby("experiment")}
+    # the pretraining stages are not evaluated, so they have no rows: every evaluated stage is a planned one
+    assert set(evaluated) == set(planned)
+    for experiment, stage_ids in evaluated.items():
+        assert stage_ids and stage_ids <= planned[experiment], experiment

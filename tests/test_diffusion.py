@@ -196,7 +196,8 @@ def test_a_tiny_model_learns(mask, one_thread):
 
 def test_bad_config_raises_harness_error():
     for kwargs in ({"schedule": "quadratic"}, {"prediction": "score"}, {"loss": "huber"}, {"timesteps": 1},
-                   {"weighting": "snr"}, {"min_snr_gamma": 0}, {"min_snr_gamma": True}):
+                   {"weighting": "snr"}, {"min_snr_gamma": 0}, {"min_snr_gamma": True},
+                   {"weighting": "min_snr", "loss": "l1"}):
         with pytest.raises(HarnessError):
             DiffusionConfig(**kwargs)
 
