@@ -142,15 +142,15 @@ class GaussianDiffusion:
         self.alphas_cumprod = abar.to(device=device, dtype=torch.float32)
         self.sqrt_abar = abar.sqrt().to(device=device, dtype=torch.float32)
         self.sqrt_one_minus_abar = (1 - abar).sqrt().to(device=device, dtype=torch.float32)
-        self.loss_weights = self._loss_weights(cfg, abar).to(device=device, dtype=torch.float32)
+        # the weight of each time step's denoising error, [T]; None: the plain loss
+        self.loss_weights = (None if cfg.weighting == "none"
+                             else self._min_snr_weights(cfg, abar).to(device=device, dtype=torch.float32))
 
     @staticmethod
-    def _loss_weights(cfg: DiffusionConfig, abar: torch.Tensor) -> torch.Tensor:
-        """The weight of each time step's denoising error, [T] (float64 in, from the schedule)."""
+    def _min_snr_weights(cfg: DiffusionConfig, abar: torch.Tensor) -> torch.Tensor:
+        """Min-SNR weights [T] in the units of `cfg.prediction` (float64 in, from the schedule)."""
         import torch
 
-        if cfg.weighting == "none":
-            return torch.ones_like(abar)
         snr = abar / (1 - abar)
         x0_weight = snr.clamp(max=cfg.min_snr_gamma)  # min-SNR, in x0 units
         # an error of the model's output in eps units is sqrt(SNR) times the x0 error, in v units sqrt(SNR + 1)
@@ -244,10 +244,9 @@ class GaussianDiffusion:
         """The loss and its terms, scalars: `loss_denoise` (on the visible patches), with `mae_weight` > 0 and a
         mask also `loss_mae` (MaskDiT's reconstruction, on the masked patches), and `loss` = loss_denoise +
         mae_weight * loss_mae."""
-        import torch
         import torch.nn.functional as F
 
-        from harness.patches import gather_patches, patchify, visible_indices
+        from harness.patches import as_visible_indices, gather_patches, patchify
 
         x_t = self.q_sample(x0, t, noise)
         target = self.target(x0, t, noise)
@@ -259,7 +258,7 @@ class GaussianDiffusion:
                 raise HarnessError("the mask must be a bool tensor [batch, num_patches] (True = masked) "
                                    "or its visible indices [batch, num_visible]")
             # once per step, shared by the model's gather and the target's
-            idx = visible_indices(mask) if mask.dtype == torch.bool else mask
+            idx = as_visible_indices(mask)
             pred = model(x_t, t, y=y, mask=idx)
             # the patch size follows from the prediction's width, and whether the model predicted every patch
             # (MaskDiT's decoder) or the visible ones from its rows: both work through DDP / compile wrappers
@@ -277,7 +276,7 @@ class GaussianDiffusion:
         # Every image has the same number of visible elements, so the mean over all of them equals the mean
         # over each image's visible elements followed by the mean over the batch.
         score = F.mse_loss if self.cfg.loss == "mse" else F.l1_loss
-        if self.cfg.weighting == "none":
+        if self.loss_weights is None:
             denoise = score(pred.float(), target.float())
         else:  # each image's mean error times its time step's weight, then the batch mean
             per_image = score(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
